@@ -1,0 +1,198 @@
+"""Official Lumina-T2X checkpoints -> our configs and Flax params.
+
+`config_from_official(args, state_dict)` maps the official constructor arguments (a dict, the
+`argparse.Namespace` saved as `model_args.pth`, or the `config` block of a golden file) to a
+`FlagDiTConfig`; `params_from_state_dict(state_dict, cfg)` maps official keys (numpy arrays) to our
+parameter tree and refuses a checkpoint whose keys or shapes do not match, naming the first few.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Callable, Mapping
+
+import flax.linen as nn
+import flax.traverse_util
+import jax
+import numpy as np
+
+from flagdit_jax.models import registry
+from flagdit_jax.models.flag_dit import FlagDiTConfig
+
+# Official model constructors (LT `*/models/model.py: DiT_Llama_*_patch2`) -> trunk sizes.
+OFFICIAL_MODELS = {
+    "DiT_Llama_600M_patch2": dict(dim=1536, n_layers=16, n_heads=32, patch_size=2),
+    "DiT_Llama_3B_patch2": dict(dim=3072, n_layers=32, n_heads=32, patch_size=2),
+    "DiT_Llama_7B_patch2": dict(dim=4096, n_layers=32, n_heads=32, patch_size=2),
+    "DiT_Llama_5B_patch2": dict(dim=3072, n_layers=32, n_heads=32, patch_size=2),
+}
+_CONSTRUCTOR_KEYS = (
+    "dim", "n_layers", "n_heads", "n_kv_heads", "patch_size", "in_channels", "multiple_of", "ffn_dim_multiplier",
+    "norm_eps", "qk_norm", "learn_sigma", "num_classes", "class_dropout_prob", "cap_feat_dim",
+)
+
+
+class CheckpointMismatch(ValueError):
+    """The checkpoint does not fit the chosen config (keys or shapes)."""
+
+
+def _as_dict(args: Any) -> dict:
+    return dict(vars(args)) if not isinstance(args, Mapping) else dict(args)
+
+
+def config_from_official(args: Any, state_dict: Mapping[str, np.ndarray] | None = None, **overrides) -> FlagDiTConfig:
+    """Official constructor arguments -> `FlagDiTConfig`.
+
+    Args:
+      args: a dict of `DiT_Llama` constructor arguments (`dim`, `n_layers`, ...), or the training
+        `argparse.Namespace` from `model_args.pth` (uses `model`, e.g. 'DiT_Llama_5B_patch2', and
+        `qk_norm`, `num_classes`).
+      state_dict: when given, fills what the arguments leave implicit (cap_feat_dim from the
+        text-encoder width, n_kv_heads from wk's shape, num_classes from the label table).
+      overrides: any `FlagDiTConfig` field (e.g. dtype).
+    """
+    a = _as_dict(args)
+    kw: dict[str, Any] = {}
+    if "model" in a:
+        if a["model"] not in OFFICIAL_MODELS:
+            raise ValueError(f"unknown official model {a['model']!r}; expected one of {sorted(OFFICIAL_MODELS)}")
+        kw.update(OFFICIAL_MODELS[a["model"]])
+    kw.update({k: a[k] for k in _CONSTRUCTOR_KEYS if a.get(k) is not None})
+    if "dim" not in kw:
+        raise ValueError(f"official arguments name neither `model` nor `dim`: keys {sorted(a)}")
+    sd = state_dict or {}
+    if "cap_feat_dim" not in kw and "layers.0.attention.wk_y.weight" in sd:
+        kw["cap_feat_dim"] = int(sd["layers.0.attention.wk_y.weight"].shape[1])
+    if "layers.0.attention.wk.weight" in sd and kw.get("n_kv_heads") is None:
+        kv = int(sd["layers.0.attention.wk.weight"].shape[0]) // (kw["dim"] // kw["n_heads"])
+        kw["n_kv_heads"] = None if kv == kw["n_heads"] else kv
+    text = kw.get("cap_feat_dim", 0) > 0
+    if text:
+        kw["num_classes"] = 0
+        kw["nextline"] = True  # the T2I model appends eol_token after every row
+    else:
+        if "y_embedder.embedding_table.weight" in sd and "num_classes" not in a:
+            rows = int(sd["y_embedder.embedding_table.weight"].shape[0])
+            kw["num_classes"] = rows - int(kw.get("class_dropout_prob", 0.1) > 0)
+        kw.setdefault("num_classes", 1000)
+    kw.update(overrides)
+    return FlagDiTConfig(**kw)
+
+
+def _t(w):  # torch Linear weight [out, in] -> kernel [in, out]
+    return np.asarray(w).T
+
+
+def _patch_embed(cfg: FlagDiTConfig) -> Callable:
+    """x_embedder.weight [d, C*p*p] in (C, ph, pw) order -> kernel [p*p*C, d] in (ph, pw, C) order."""
+    p, c = cfg.patch_size, cfg.in_channels
+
+    def fn(w):
+        w = np.asarray(w)
+        return w.reshape(w.shape[0], c, p, p).transpose(2, 3, 1, 0).reshape(p * p * c, w.shape[0])
+
+    return fn
+
+
+def _rules(cfg: FlagDiTConfig):
+    """(official key regex, our path template, transform) in match order."""
+    same = np.asarray
+    return [
+        (r"x_embedder\.weight", "x_embedder/kernel", _patch_embed(cfg)),
+        (r"x_embedder\.bias", "x_embedder/bias", same),
+        (r"t_embedder\.mlp\.(0|2)\.weight", r"t_embedder/mlp_\1/kernel", _t),
+        (r"t_embedder\.mlp\.(0|2)\.bias", r"t_embedder/mlp_\1/bias", same),
+        (r"y_embedder\.embedding_table\.weight", "y_embedder/embedding_table", same),
+        (r"cap_embedder\.0\.weight", "cap_embedder/norm/scale", same),
+        (r"cap_embedder\.0\.bias", "cap_embedder/norm/bias", same),
+        (r"cap_embedder\.1\.weight", "cap_embedder/linear/kernel", _t),
+        (r"cap_embedder\.1\.bias", "cap_embedder/linear/bias", same),
+        (r"layers\.(\d+)\.attention\.(wq|wk|wv|wo|wk_y|wv_y)\.weight", r"layers_\1/attention/\2/kernel", _t),
+        (r"layers\.(\d+)\.attention\.(q_norm|k_norm|ky_norm)\.weight", r"layers_\1/attention/\2/scale", same),
+        (r"layers\.(\d+)\.attention\.(q_norm|k_norm|ky_norm)\.bias", r"layers_\1/attention/\2/bias", same),
+        (r"layers\.(\d+)\.attention\.gate", r"layers_\1/attention/gate", same),
+        (r"layers\.(\d+)\.feed_forward\.(w1|w2|w3)\.weight", r"layers_\1/feed_forward/\2/kernel", _t),
+        (r"layers\.(\d+)\.(attention_norm|ffn_norm|attention_y_norm)\.weight", r"layers_\1/\2/scale", same),
+        (r"layers\.(\d+)\.adaLN_modulation\.1\.weight", r"layers_\1/adaLN_modulation/linear/kernel", _t),
+        (r"layers\.(\d+)\.adaLN_modulation\.1\.bias", r"layers_\1/adaLN_modulation/linear/bias", same),
+        (r"final_layer\.linear\.weight", "final_layer/linear/kernel", _t),
+        (r"final_layer\.linear\.bias", "final_layer/linear/bias", same),
+        (r"final_layer\.adaLN_modulation\.1\.weight", "final_layer/adaLN_modulation/linear/kernel", _t),
+        (r"final_layer\.adaLN_modulation\.1\.bias", "final_layer/adaLN_modulation/linear/bias", same),
+        (r"(eol_token|pad_token)", r"\1", same),
+    ]
+
+
+def _first(items, n=5) -> str:
+    items = list(items)
+    more = f" (+{len(items) - n} more)" if len(items) > n else ""
+    return ", ".join(map(str, items[:n])) + more
+
+
+def params_from_state_dict(state_dict: Mapping[str, Any], cfg: FlagDiTConfig, *, dtype=np.float32) -> dict:
+    """Official state dict (numpy-convertible arrays under official keys) -> our params tree.
+
+    Raises:
+      CheckpointMismatch: naming the first unexpected keys, missing parameters or wrong shapes.
+    """
+    rules = [(re.compile(pat + r"$"), tmpl, fn) for pat, tmpl, fn in _rules(cfg)]
+    expected = {
+        "/".join(k): tuple(v.shape)
+        for k, v in flax.traverse_util.flatten_dict(nn.unbox(registry.abstract_params(cfg))).items()
+    }
+    flat, unexpected = {}, []
+    for key, value in state_dict.items():
+        for pat, tmpl, fn in rules:
+            m = pat.match(key)
+            if m:
+                flat[m.expand(tmpl)] = (key, fn(np.asarray(value, dtype=dtype)))
+                break
+        else:
+            unexpected.append(key)
+    unexpected += [src for path, (src, _) in flat.items() if path not in expected]
+    missing = sorted(set(expected) - set(flat))
+    wrong = [
+        f"{src}: {np.shape(v)} vs expected {expected[path]}"
+        for path, (src, v) in flat.items()
+        if path in expected and np.shape(v) != expected[path]
+    ]
+    if unexpected or missing or wrong:
+        parts = []
+        if unexpected:
+            parts.append(f"unexpected keys: {_first(unexpected)}")
+        if missing:
+            parts.append(f"missing parameters: {_first(missing)}")
+        if wrong:
+            parts.append(f"shape mismatches (after conversion): {_first(wrong)}")
+        raise CheckpointMismatch(f"checkpoint does not match the config (dim={cfg.dim}, n_layers={cfg.n_layers}, "
+                                 f"n_heads={cfg.n_heads}): " + "; ".join(parts))
+    tree = flax.traverse_util.unflatten_dict({tuple(p.split("/")): v for p, (_, v) in flat.items()})
+    return jax.tree.map(np.asarray, tree)
+
+
+def load_torch_file(path: str) -> Any:
+    """Load a `.pth` (state dict or model_args Namespace) with torch (an optional dependency)."""
+    try:
+        import torch
+    except ImportError as e:  # pragma: no cover - depends on the install
+        raise ImportError("reading .pth files needs torch: pip install 'flagdit_jax[torch]'") from e
+    obj = torch.load(path, map_location="cpu", weights_only=False)
+    if isinstance(obj, Mapping) and "model" in obj and isinstance(obj["model"], Mapping):
+        obj = obj["model"]  # training checkpoints nest the state dict
+    if isinstance(obj, Mapping):
+        return {k: (v.float().numpy() if hasattr(v, "numpy") else v) for k, v in obj.items()}
+    return obj
+
+
+def load_state_dict(path: str) -> dict[str, np.ndarray]:
+    """State dict from `.pth` / `.pt` (torch) or `.safetensors`."""
+    if path.endswith(".safetensors"):
+        from safetensors.numpy import load_file
+
+        return dict(load_file(path))
+    if path.endswith((".pth", ".pt", ".bin")):
+        sd = load_torch_file(path)
+        if not isinstance(sd, Mapping):
+            raise ValueError(f"{path} holds a {type(sd).__name__}, expected a state dict")
+        return dict(sd)
+    raise ValueError(f"unsupported checkpoint file {path!r}; expected .pth, .pt, .bin or .safetensors")

@@ -1,0 +1,372 @@
+"""The layer library shared by every backbone (DESIGN.md principle 2).
+
+Formulas follow REFERENCE.md §1 (Flag-DiT) with the official file named where it matters.
+Every parameter carries logical axis names (`nn.with_logical_partitioning`); `flagdit_jax.sharding`
+maps them to mesh axes. Attention runs in `[B, heads, length, head_dim]`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+Initializer = Callable[..., jax.Array]
+
+xavier_uniform = nn.initializers.xavier_uniform()
+zeros = nn.initializers.zeros_init()
+ones = nn.initializers.ones_init()
+normal_002 = nn.initializers.normal(stddev=0.02)
+
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "splash")
+
+
+def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
+    """Logical sharding constraint on an activation (a no-op outside a rules context)."""
+    return nn.with_logical_constraint(x, axes)
+
+
+class Dense(nn.Module):
+    """Linear layer `[..., in] -> [..., out]` with logically partitioned parameters.
+
+    Kernel is `[in, out]` (the transpose of torch's `weight`).
+    """
+
+    features: int
+    axes: tuple[str, str]
+    use_bias: bool = False
+    kernel_init: Initializer = xavier_uniform
+    bias_init: Initializer = zeros
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    precision: Any = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param(
+            "kernel",
+            nn.with_logical_partitioning(self.kernel_init, self.axes),
+            (x.shape[-1], self.features),
+            self.param_dtype,
+        )
+        y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype), precision=self.precision)
+        if self.use_bias:
+            bias = self.param(
+                "bias", nn.with_logical_partitioning(self.bias_init, (self.axes[1],)), (self.features,), self.param_dtype
+            )
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+class RMSNorm(nn.Module):
+    """x * rsqrt(mean(x^2) + eps) * w, normalised in float32 (LT `components.py: RMSNorm`).
+
+    `use_scale=False` gives the parameter-free variant (ImageNet Next-DiT pre-norm).
+    """
+
+    eps: float = 1e-5
+    use_scale: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        y = (xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)).astype(x.dtype)
+        if self.use_scale:
+            w = self.param("scale", nn.with_logical_partitioning(ones, ("norm",)), (x.shape[-1],), self.param_dtype)
+            y = y * w.astype(x.dtype)
+        return y.astype(self.dtype)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm over the last axis, statistics in float32.
+
+    Used for QK-norm (over the full projected width, before RoPE: REFERENCE.md §1), the pooled
+    caption, and the final layer (no affine, eps 1e-6).
+    """
+
+    eps: float = 1e-5
+    use_affine: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        mean = jnp.mean(xf, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+        y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
+        if self.use_affine:
+            d = x.shape[-1]
+            w = self.param("scale", nn.with_logical_partitioning(ones, ("norm",)), (d,), self.param_dtype)
+            b = self.param("bias", nn.with_logical_partitioning(zeros, ("norm",)), (d,), self.param_dtype)
+            y = y * w.astype(jnp.float32) + b.astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+def modulate(x: jax.Array, shift: jax.Array | None, scale: jax.Array) -> jax.Array:
+    """adaLN: x * (1 + scale) + shift, with `[B, D]` modulation broadcast over length."""
+    y = x * (1 + scale[:, None, :])
+    return y if shift is None else y + shift[:, None, :]
+
+
+# ----------------------------------------------------------------------------------------------
+# Rotary position embedding
+# ----------------------------------------------------------------------------------------------
+
+
+def rope_frequencies(head_dim: int, n_axes: int = 1, theta: float | jax.Array = 10000.0) -> jax.Array:
+    """Angular frequency `[head_dim // 2]` of each channel pair of a head.
+
+    Pair j (channels 2j, 2j+1) follows position axis `j % n_axes` with frequency
+    `theta ** (-2 * n_axes * (j // n_axes) / head_dim)`. n_axes=1 is the LLaMA 1-D table of
+    Flag-DiT (LT `precompute_freqs_cis`); n_axes=2 is Next-DiT's interleaved (row, col) layout,
+    10000^(-4k/hd) for both axes (REFERENCE.md §5); n_axes=3 adds the frame axis.
+    """
+    if head_dim % 2 or (head_dim // 2) % n_axes:
+        raise ValueError(
+            f"head_dim={head_dim} must be even with head_dim/2 divisible by n_axes={n_axes} for RoPE"
+        )
+    j = jnp.arange(head_dim // 2)
+    exponent = (2 * n_axes * (j // n_axes)).astype(jnp.float32) / head_dim
+    return 1.0 / (jnp.asarray(theta, jnp.float32) ** exponent)
+
+
+def rope_angles(
+    positions: jax.Array,
+    head_dim: int,
+    *,
+    theta: float = 10000.0,
+    ntk_factor: float | jax.Array = 1.0,
+    pi_factor: float | jax.Array = 1.0,
+) -> jax.Array:
+    """Rotation angles `[B, L, head_dim // 2]` (float32).
+
+    Args:
+      positions: `[B, L]` (1-D) or `[B, L, n_axes]` token positions.
+      theta: RoPE base.
+      ntk_factor: NTK-aware scaling, theta' = theta * ntk_factor (the Lumina-T2I code's form,
+        REFERENCE.md §4; may be a traced scalar).
+      pi_factor: position interpolation, positions / pi_factor.
+    """
+    if positions.ndim == 2:
+        positions = positions[..., None]
+    if positions.ndim != 3:
+        raise ValueError(f"positions must be [B, L] or [B, L, n_axes], got shape {positions.shape}")
+    n_axes = positions.shape[-1]
+    freqs = rope_frequencies(head_dim, n_axes, jnp.asarray(theta, jnp.float32) * jnp.asarray(ntk_factor, jnp.float32))
+    pos = positions.astype(jnp.float32) / jnp.asarray(pi_factor, jnp.float32)
+    axis_of_pair = jnp.arange(head_dim // 2) % n_axes
+    return jnp.take(pos, axis_of_pair, axis=-1) * freqs  # [B, L, hd/2]
+
+
+def apply_rope(x: jax.Array, angles: jax.Array) -> jax.Array:
+    """Rotate consecutive channel pairs (2i, 2i+1) of `x [B, H, L, D]` by `angles [B, L, D/2]`.
+
+    Computed in float32 (the reference disables autocast here) and cast back.
+    """
+    xf = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, 2)
+    cos = jnp.cos(angles)[:, None]
+    sin = jnp.sin(angles)[:, None]
+    x0, x1 = xf[..., 0], xf[..., 1]
+    out = jnp.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], axis=-1)
+    return out.reshape(x.shape).astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention
+# ----------------------------------------------------------------------------------------------
+
+
+def proportional_scale(seq_len: int, base_seqlen: int, head_dim: int) -> float:
+    """Proportional attention: sqrt(log_{base}(L) / head_dim) (REFERENCE.md §4)."""
+    if base_seqlen <= 1 or seq_len <= 0:
+        raise ValueError(f"proportional attention needs base_seqlen > 1 and L > 0, got {base_seqlen}, {seq_len}")
+    return math.sqrt(math.log(seq_len, base_seqlen) / head_dim)
+
+
+def dot_product_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    key_mask: jax.Array | None = None,
+    scale: float | None = None,
+    implementation: str = "xla",
+) -> jax.Array:
+    """Multi-head attention with grouped KV heads; the one entry point every backbone uses.
+
+    Args:
+      q: `[B, Hq, Lq, D]`; k, v: `[B, Hkv, Lk, D]` with Hq divisible by Hkv (query head h uses kv
+        head h // (Hq/Hkv), as the reference's repeat-then-flatten does).
+      key_mask: `[B, Lk]` bool, False keys are never attended (pads, caption padding).
+      scale: softmax scale (default 1/sqrt(D)).
+      implementation: 'xla' (einsum + float32 softmax; what CPU runs), 'cudnn' (flash attention
+        through `jax.nn.dot_product_attention`, needs bf16/fp16 on GPU), 'splash' (TPU Pallas
+        splash kernel).
+
+    Returns:
+      `[B, Hq, Lq, D]`.
+    """
+    b, hq, lq, d = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    if hq % hkv:
+        raise ValueError(f"query heads {hq} must be a multiple of kv heads {hkv}")
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    if implementation == "xla":
+        g = hq // hkv
+        qg = q.reshape(b, hkv, g, lq, d)
+        logits = jnp.einsum("bkgqd,bksd->bkgqs", qg, k, preferred_element_type=jnp.float32) * scale
+        if key_mask is not None:
+            logits = jnp.where(key_mask[:, None, None, None, :], logits, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+        out = jnp.einsum("bkgqs,bksd->bkgqd", probs, v)
+        return out.reshape(b, hq, lq, d)
+    if implementation == "cudnn":
+        mask = None if key_mask is None else key_mask[:, None, None, :]
+        out = jax.nn.dot_product_attention(
+            q.swapaxes(1, 2), k.swapaxes(1, 2), v.swapaxes(1, 2), mask=mask, scale=scale, implementation="cudnn"
+        )
+        return out.swapaxes(1, 2)
+    if implementation == "splash":
+        return _splash_attention(q, k, v, key_mask=key_mask, scale=scale)
+    raise ValueError(f"unknown attention implementation {implementation!r}; expected one of {ATTENTION_IMPLEMENTATIONS}")
+
+
+def _splash_attention(q, k, v, *, key_mask, scale):
+    """TPU Pallas splash attention (segment ids carry the key mask). Only runs on TPU."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+    b, hq, lq, d = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    k = jnp.repeat(k, hq // hkv, axis=1)
+    v = jnp.repeat(v, hq // hkv, axis=1)
+    mask = sm.MultiHeadMask([sm.FullMask((lq, lk)) for _ in range(hq)])
+    kernel = sk.make_splash_mha(mask, head_shards=1, q_seq_shards=1)
+    if key_mask is None:
+        seg = None
+    else:
+        # Queries are all segment 1; valid keys segment 1, masked keys segment 0.
+        seg_q = jnp.ones((b, lq), jnp.int32)
+        seg = sk.SegmentIds(q=seg_q, kv=key_mask.astype(jnp.int32))
+    fn = lambda q_, k_, v_, s_: kernel(q_ * scale, k_, v_, segment_ids=s_)
+    return jax.vmap(fn)(q, k, v, seg) if seg is not None else jax.vmap(lambda a, c, e: kernel(a * scale, c, e))(q, k, v)
+
+
+# ----------------------------------------------------------------------------------------------
+# Feed-forward and embedders
+# ----------------------------------------------------------------------------------------------
+
+
+def swiglu_hidden(dim: int, multiple_of: int = 256, ffn_dim_multiplier: float | None = None) -> int:
+    """Reference hidden size: int(2*4d/3) (times the multiplier), rounded up to `multiple_of`."""
+    hidden = int(2 * (4 * dim) / 3)
+    if ffn_dim_multiplier is not None:
+        hidden = int(ffn_dim_multiplier * hidden)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+class SwiGLU(nn.Module):
+    """w2(SiLU(w1 x) * w3 x), no biases (LT `FeedForward`)."""
+
+    hidden: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h1 = Dense(self.hidden, ("embed", "mlp"), name="w1", **kw)(x)
+        h3 = Dense(self.hidden, ("embed", "mlp"), name="w3", **kw)(x)
+        h = constrain(nn.silu(h1) * h3, ("activation_batch", "activation_length", "activation_mlp"))
+        return Dense(x.shape[-1], ("mlp", "embed"), name="w2", **kw)(h)
+
+
+def timestep_sinusoid(t: jax.Array, dim: int = 256, max_period: float = 10000.0) -> jax.Array:
+    """`[B] -> [B, dim]`: [cos | sin] of raw t (no x1000), GLIDE frequencies (REFERENCE.md §1)."""
+    half = dim // 2
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    args = t.astype(jnp.float32)[:, None] * freqs[None]
+    emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+    if dim % 2:
+        emb = jnp.concatenate([emb, jnp.zeros_like(emb[:, :1])], axis=-1)
+    return emb
+
+
+class TimestepEmbedder(nn.Module):
+    """sinusoid(t, 256) -> Linear -> SiLU -> Linear, normal(0.02) init."""
+
+    features: int
+    frequency_dim: int = 256
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, t: jax.Array) -> jax.Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=True, kernel_init=normal_002)
+        h = Dense(self.features, ("freq", "cond"), name="mlp_0", **kw)(timestep_sinusoid(t, self.frequency_dim))
+        return Dense(self.features, ("cond", "cond"), name="mlp_2", **kw)(nn.silu(h))
+
+
+class LabelEmbedder(nn.Module):
+    """Class-label table with a null row (id = num_classes) for classifier-free guidance."""
+
+    num_classes: int
+    features: int
+    dropout_prob: float = 0.1
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, labels: jax.Array, *, train: bool = False, force_drop: jax.Array | None = None) -> jax.Array:
+        rows = self.num_classes + int(self.dropout_prob > 0)
+        table = self.param(
+            "embedding_table", nn.with_logical_partitioning(normal_002, ("vocab", "cond")), (rows, self.features),
+            self.param_dtype,
+        )
+        if force_drop is not None:
+            labels = jnp.where(force_drop, self.num_classes, labels)
+        elif train and self.dropout_prob > 0:
+            drop = jax.random.uniform(self.make_rng("dropout"), labels.shape) < self.dropout_prob
+            labels = jnp.where(drop, self.num_classes, labels)
+        return jnp.take(table, labels, axis=0)
+
+
+class CaptionEmbedder(nn.Module):
+    """Pooled caption: masked mean over valid tokens -> LayerNorm -> Linear (zero-init)."""
+
+    features: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, cap_feats: jax.Array, cap_mask: jax.Array) -> jax.Array:
+        m = cap_mask.astype(jnp.float32)[..., None]
+        pooled = (cap_feats.astype(jnp.float32) * m).sum(1) / m.sum(1)
+        pooled = LayerNorm(1e-5, name="norm", param_dtype=self.param_dtype)(pooled)
+        return Dense(
+            self.features, ("caption", "cond"), use_bias=True, kernel_init=zeros, name="linear",
+            dtype=self.dtype, param_dtype=self.param_dtype,
+        )(pooled)
+
+
+class AdaLNModulation(nn.Module):
+    """SiLU -> Linear(cond -> n * dim), zero-init weight and bias; returns the n chunks."""
+
+    dim: int
+    n: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, c: jax.Array) -> Sequence[jax.Array]:
+        mod = Dense(
+            self.n * self.dim, ("cond", "mod"), use_bias=True, kernel_init=zeros, name="linear",
+            dtype=self.dtype, param_dtype=self.param_dtype,
+        )(nn.silu(c))
+        return jnp.split(mod, self.n, axis=-1)

@@ -1,0 +1,101 @@
+"""Size presets for every backbone and `build(name_or_config)`.
+
+Sizes are REFERENCE.md §2 (from the official constructors). `python -m flagdit_jax.models.registry`
+prints the table with parameter counts from `jax.eval_shape` (no memory is allocated).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from flagdit_jax import tokens as tok
+from flagdit_jax.models.dit import DiT, DiTConfig
+from flagdit_jax.models.flag_dit import FlagDiT, FlagDiTConfig
+
+_IMAGENET = dict(num_classes=1000, class_dropout_prob=0.1, qk_norm=True)
+_T2I = dict(num_classes=0, nextline=True, qk_norm=True)
+
+PRESETS: dict[str, FlagDiTConfig | DiTConfig] = {
+    # Flag-DiT ImageNet (LT Flag-DiT-ImageNet/models/model.py: DiT_Llama_*_patch2).
+    "flagdit-600m": FlagDiTConfig(dim=1536, n_layers=16, n_heads=32, **_IMAGENET),
+    "flagdit-3b": FlagDiTConfig(dim=3072, n_layers=32, n_heads=32, **_IMAGENET),
+    "flagdit-7b": FlagDiTConfig(dim=4096, n_layers=32, n_heads=32, **_IMAGENET),
+    # Lumina-T2I "5B": the 3B trunk with cross-attention to LLaMA-2-7B features (y_dim 4096).
+    "lumina-t2i-5b": FlagDiTConfig(dim=3072, n_layers=32, n_heads=32, cap_feat_dim=4096, **_T2I),
+    # DiT baseline for the ablations.
+    "dit-xl-2": DiTConfig(dim=1152, n_layers=28, n_heads=16, patch_size=2, input_size=32),
+    # Benchmark size (issue: bench-small, width 384, 12 layers, 6 heads).
+    "flagdit-bench-small": FlagDiTConfig(dim=384, n_layers=12, n_heads=6, **_IMAGENET),
+    # Tiny sizes for tests and the embedded default.
+    "flagdit-tiny": FlagDiTConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, **_IMAGENET),
+    "lumina-t2i-tiny": FlagDiTConfig(dim=64, n_layers=2, n_heads=4, cap_feat_dim=32, **_T2I),
+    "dit-tiny": DiTConfig(dim=64, n_layers=2, n_heads=4, patch_size=2, input_size=16),
+}
+
+# Parameter counts of the paper-size presets (REFERENCE.md §2), for the registry test.
+REFERENCE_PARAMS = {
+    "flagdit-600m": 0.61e9,
+    "flagdit-3b": 4.24e9,
+    "flagdit-7b": 7.29e9,
+    "lumina-t2i-5b": 5.05e9,
+    "dit-xl-2": 675e6,
+}
+
+
+def get_config(name: str, **overrides) -> FlagDiTConfig | DiTConfig:
+    """Preset config by name, with field overrides (e.g. `dtype='bfloat16'`)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; known presets: {sorted(PRESETS)}")
+    return dataclasses.replace(PRESETS[name], **overrides)
+
+
+def build(name_or_config: str | FlagDiTConfig | DiTConfig, **overrides) -> nn.Module:
+    """The Flax module for a preset name or a config."""
+    cfg = get_config(name_or_config, **overrides) if isinstance(name_or_config, str) else (
+        dataclasses.replace(name_or_config, **overrides) if overrides else name_or_config)
+    if isinstance(cfg, FlagDiTConfig):
+        return FlagDiT(cfg)
+    if isinstance(cfg, DiTConfig):
+        return DiT(cfg)
+    raise ValueError(f"expected a preset name or a model config, got {type(cfg).__name__}")
+
+
+def example_inputs(cfg: FlagDiTConfig | DiTConfig, batch: int = 1, size: int = 8, cap_len: int = 4):
+    """Small dummy inputs `(packed, t, kwargs)` of the right kinds for `init` / `eval_shape`."""
+    frames = jnp.zeros((batch, 1, size, size, cfg.in_channels))
+    packed = tok.pack(frames, cfg.patch_size, nextline=getattr(cfg, "nextline", False),
+                      nextframe=getattr(cfg, "nextframe", False))
+    t = jnp.zeros((batch,))
+    if getattr(cfg, "cap_feat_dim", 0):
+        kw = dict(cap_feats=jnp.zeros((batch, cap_len, cfg.cap_feat_dim)), cap_mask=jnp.ones((batch, cap_len), bool))
+    else:
+        kw = dict(y=jnp.zeros((batch,), jnp.int32))
+    return packed, t, kw
+
+
+def abstract_params(cfg: FlagDiTConfig | DiTConfig):
+    """Parameter shapes (boxed with logical axes) without allocating them."""
+    model = build(cfg)
+    packed, t, kw = example_inputs(cfg)
+    return jax.eval_shape(lambda: model.init(jax.random.key(0), packed, t, **kw))["params"]
+
+
+def count_params(cfg: FlagDiTConfig | DiTConfig) -> int:
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(nn.unbox(abstract_params(cfg))))
+
+
+def preset_table() -> str:
+    rows = [f"{'name':<22}{'width':>7}{'depth':>7}{'heads':>7}{'kv':>5}{'params':>16}"]
+    for name, cfg in PRESETS.items():
+        kv = getattr(cfg, "kv_heads", cfg.n_heads)
+        rows.append(f"{name:<22}{cfg.dim:>7}{cfg.n_layers:>7}{cfg.n_heads:>7}{kv:>5}{count_params(cfg):>16,}")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(preset_table())
