@@ -14,7 +14,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flagdit_jax import tokens as tok
 from flagdit_jax.models import layers as L
 from flagdit_jax.models.flag_dit import FinalLayer, check_inputs, drop_sigma_channels, embed_tokens, has_pads
 
@@ -119,6 +118,7 @@ class DiT(nn.Module):
         dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         x = embed_tokens(self, packed, cfg.dim, {}, dtype, pdtype)
         x = x + sincos_2d(packed.positions[..., 1:], cfg.dim).astype(x.dtype)
+        self.sow("intermediates", "out:embedded", x)
         c = L.TimestepEmbedder(cfg.dim, name="t_embedder", dtype=dtype, param_dtype=pdtype)(t)
         c = c + L.LabelEmbedder(cfg.num_classes, cfg.dim, cfg.class_dropout_prob, name="y_embedder",
                                 param_dtype=pdtype)(y, train=train, force_drop=force_drop).astype(c.dtype)
@@ -126,6 +126,7 @@ class DiT(nn.Module):
         block = nn.remat(DiTBlock) if cfg.remat else DiTBlock
         for i in range(cfg.n_layers):
             x = block(cfg, name=f"blocks_{i}")(x, c, mask)
+            self.sow("intermediates", f"out:blocks_{i}", x)
         out = FinalLayer(cfg.dim, cfg.patch_size**2 * cfg.out_channels, name="final_layer", dtype=dtype,
                          param_dtype=pdtype)(x, c).astype(jnp.float32)
         return drop_sigma_channels(out, cfg.patch_size, cfg.in_channels) if cfg.learn_sigma else out

@@ -190,10 +190,10 @@ def embed_tokens(module: nn.Module, packed: tok.Packed, dim: int, special: dict[
     x = L.Dense(dim, ("patch", "embed"), use_bias=True, name="x_embedder", dtype=dtype, param_dtype=param_dtype)(
         packed.tokens
     )
-    module.sow("intermediates", "out:x_embedder", x)
     for kind, name in special.items():
         emb = module.param(name, nn.with_logical_partitioning(L.normal_002, ("embed",)), (dim,), param_dtype)
         x = jnp.where((packed.kind == kind)[..., None], emb.astype(x.dtype), x)
+    module.sow("intermediates", "out:x_embedder", x)
     return x
 
 
