@@ -349,7 +349,7 @@ class TimestepEmbedder(nn.Module):
     def __call__(self, t: jax.Array) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=True, kernel_init=normal_002)
         h = Dense(self.features, ("freq", "cond"), name="mlp_0", **kw)(timestep_sinusoid(t, self.frequency_dim))
-        return Dense(self.features, ("cond", "cond"), name="mlp_2", **kw)(nn.silu(h))
+        return Dense(self.features, ("cond_hidden", "cond"), name="mlp_2", **kw)(nn.silu(h))
 
 
 class LabelEmbedder(nn.Module):
@@ -407,4 +407,7 @@ class AdaLNModulation(nn.Module):
             self.n * self.dim, ("cond", "mod"), use_bias=True, kernel_init=zeros, name="linear",
             dtype=self.dtype, param_dtype=self.param_dtype,
         )(nn.silu(c))
+        # Gather the tensor-sharded modulation before the split: without this constraint the
+        # batch-sharded model gives wrong results under SPMD (tests/test_sharding.py).
+        mod = constrain(mod, ("activation_batch", "activation_mod"))
         return jnp.split(mod, self.n, axis=-1)
