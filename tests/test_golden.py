@@ -7,20 +7,18 @@ the model from the arguments and replay every call generically, so any file of t
 """
 
 import json
-import os
-import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import GOLDEN_DIR
 
 from flagdit_jax import tokens as tok
 from flagdit_jax.convert import official
 from flagdit_jax.flow.samplers import cfg_combine
 from flagdit_jax.models import registry
 
-GOLDEN_DIR = pathlib.Path(os.environ.get("FLAGDIT_GOLDEN_DIR", pathlib.Path(__file__).parents[2] / "shared" / "golden"))
 SUPPORTED = {"flagdit_imagenet", "lumina_t2i"}
 ATOL = 1e-5
 FILES = sorted(GOLDEN_DIR.glob("*.json"))
