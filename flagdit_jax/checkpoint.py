@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import pathlib
 
 import flax.linen as nn
@@ -58,3 +59,92 @@ def load_params(directory: str | pathlib.Path):
         params = ckptr.restore(directory / "params", jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
                                                                    abstract))
     return params, cfg
+
+
+# ------------------------------------------------------------------------------------------------
+# training checkpoints: train state + data iterator + config, via CheckpointManager
+# ------------------------------------------------------------------------------------------------
+
+
+def make_manager(directory: str | pathlib.Path, *, every_steps: int, keep: int, async_save: bool = True):
+    """Orbax CheckpointManager: save every N steps (plus preemption), keep the latest `keep`."""
+    policy = ocp.checkpoint_managers
+    options = ocp.CheckpointManagerOptions(
+        save_decision_policy=policy.AnySavePolicy([policy.FixedIntervalPolicy(every_steps),
+                                                   policy.PreemptionCheckpointingPolicy()]),
+        preservation_policy=policy.LatestN(keep),
+        enable_async_checkpointing=async_save,
+    )
+    return ocp.CheckpointManager(pathlib.Path(directory).absolute(), options=options)
+
+
+def save(mngr, step: int, state, data_iter, *, force: bool = False) -> bool:
+    """Save the train state and the data iterator's position at `step` (async when configured)."""
+    import grain
+
+    return mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                   data=grain.checkpoint.CheckpointSave(data_iter)), force=force)
+
+
+def restore_latest(mngr, abstract_state, data_iter, *, config=None):
+    """Restore the newest readable checkpoint onto `abstract_state`'s shardings (any mesh).
+
+    A checkpoint that fails to restore (truncated or corrupt files) is reported with a warning
+    naming it, and the next older one is tried. Returns None when there is no checkpoint at all;
+    raises if checkpoints exist but none can be read.
+    """
+    import grain
+
+    steps = sorted(mngr.all_steps(), reverse=True)
+    errors = []
+    for step in steps:
+        try:
+            out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                                             data=grain.checkpoint.CheckpointRestore(data_iter)))
+        except Exception as e:  # noqa: BLE001 - reported, then the previous checkpoint is tried
+            errors.append((step, e))
+            logging.warning("checkpoint %s is unreadable (%s: %s); trying the previous one",
+                            mngr.directory / str(step), type(e).__name__, e)
+            continue
+        logging.info("restored step %d from %s", step, mngr.directory)
+        return out.state
+    if errors:
+        raise RuntimeError(f"no readable checkpoint in {mngr.directory}: " +
+                           "; ".join(f"step {s}: {type(e).__name__}: {e}" for s, e in errors)) from errors[0][1]
+    return None
+
+
+def write_config(workdir: pathlib.Path, config) -> None:
+    """The run's config as JSON beside the checkpoints (what `flagdit sample/eval` read back)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=1))
+
+
+def read_config(workdir: str | pathlib.Path):
+    import ml_collections
+
+    path = pathlib.Path(workdir) / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: {workdir} is not a training workdir")
+    return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+class MetricWriter:
+    """Scalars to TensorBoard event files (tensorboardX), `metrics.jsonl` and the console."""
+
+    def __init__(self, workdir: pathlib.Path):
+        from tensorboardX import SummaryWriter
+
+        self.tb = SummaryWriter(str(workdir / "tb"))
+        self.jsonl = open(workdir / "metrics.jsonl", "a")
+
+    def write(self, step: int, scalars: dict) -> None:
+        for k, v in scalars.items():
+            self.tb.add_scalar(k, v, step)
+        self.jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+        self.jsonl.flush()
+        print(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in scalars.items()), flush=True)
+
+    def close(self) -> None:
+        self.tb.close()
+        self.jsonl.close()

@@ -1,5 +1,8 @@
-"""`flagdit` command line: `demo` (the main job for now), `convert`, `presets`.
+"""`flagdit` command line.
 
+    flagdit train --config configs/default.py --workdir runs/default [--config.total_steps=20]
+    flagdit sample --workdir runs/default [--config.sample.cfg_scale=3]
+    flagdit eval --workdir runs/default
     flagdit demo --workdir runs/demo            # train a tiny Flag-DiT on the embedded MNIST, sample
     flagdit convert --checkpoint consolidated.00-of-01.pth --model-args model_args.pth --output ckpt/
     flagdit presets                             # the preset table with parameter counts
@@ -52,9 +55,66 @@ def _demo(args) -> int:
     return 0
 
 
+def _config_command(command: str, argv: list[str]) -> int:
+    """train / sample / eval: ml-collections config flags (`--config path.py[:arg]`, `--config.key=value`).
+
+    The config is validated before any compile or I/O; sample and eval read the run's config back
+    from the workdir (overrides still apply).
+    """
+    from absl import flags
+    from ml_collections import config_flags
+
+    fv = flags.FlagValues()
+    full_argv = [f"flagdit {command}"] + argv  # config_flags reads overrides from here, not sys.argv
+    flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics, samples)", flag_values=fv)
+    workdir = next((a.split("=", 1)[1] for a in argv if a.startswith("--workdir=")), None)
+    if workdir is None and "--workdir" in argv and argv.index("--workdir") + 1 < len(argv):
+        workdir = argv[argv.index("--workdir") + 1]
+    if command == "train":
+        config_flags.DEFINE_config_file("config", None, "config file (configs/*.py[:arg])", flag_values=fv,
+                                        lock_config=True, sys_argv=full_argv)
+    else:
+        from flagdit_jax import checkpoint
+
+        if workdir is None:
+            raise SystemExit(f"error: flagdit {command} needs --workdir")
+        config_flags.DEFINE_config_dict("config", checkpoint.read_config(workdir), flag_values=fv, lock_config=True,
+                                        sys_argv=full_argv)
+    try:
+        fv(full_argv)
+    except (flags.Error, KeyError, AttributeError, ValueError, TypeError) as e:
+        raise SystemExit(f"error: {e}") from e
+    if not fv.workdir:
+        raise SystemExit(f"error: flagdit {command} needs --workdir")
+    if fv.config is None:
+        raise SystemExit("error: flagdit train needs --config (e.g. configs/default.py)")
+    config = fv.config
+    from flagdit_jax import train as train_lib
+
+    if command == "train":
+        train_lib.maybe_initialize_distributed()  # before anything asks jax for its devices
+    try:
+        train_lib.validate(config)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from e
+    if command == "train":
+        train_lib.train(config, fv.workdir)
+    elif command == "sample":
+        from flagdit_jax import sample
+
+        sample.sample_grid(config, fv.workdir)
+    else:
+        from flagdit_jax import evaluate
+
+        evaluate.run(config, fv.workdir)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="flagdit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
+    for name in ("train", "sample", "eval"):  # parsed with ml-collections config flags (see above)
+        sub.add_parser(name, help=f"{name} (--config FILE --workdir DIR --config.key=value)", add_help=False)
 
     c = sub.add_parser("convert", help="official Lumina-T2X checkpoint (.pth / .safetensors) -> Orbax checkpoint")
     c.add_argument("--checkpoint", required=True, help="state dict: .pth/.pt (needs torch) or .safetensors")
@@ -78,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in ("train", "sample", "eval"):
+        return _config_command(argv[0], argv[1:])
     args = build_parser().parse_args(argv)
     return args.fn(args)
 

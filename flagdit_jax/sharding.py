@@ -45,20 +45,22 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 )
 
 
-def make_mesh(shape: Sequence[int], axes: Sequence[str] = MESH_AXES) -> Mesh:
-    """`jax.make_mesh` with a clear error when the shape does not fit the devices."""
+def make_mesh(shape: Sequence[int], axes: Sequence[str] = MESH_AXES, devices=None) -> Mesh:
+    """`jax.make_mesh` over `devices` (default: all) with a clear error when the shape does not fit."""
+    devices = jax.devices() if devices is None else list(devices)
     n = 1
     for s in shape:
         n *= s
     if len(shape) != len(axes):
         raise ValueError(f"mesh shape {tuple(shape)} must have one entry per axis {tuple(axes)}")
-    if n != jax.device_count():
+    if n != len(devices):
         raise ValueError(
-            f"mesh shape {tuple(shape)} needs {n} devices but {jax.device_count()} are available; "
+            f"mesh shape {tuple(shape)} needs {n} devices but {len(devices)} are available; "
             f"the product of the mesh shape must equal the device count"
         )
     # Auto axes: the compiler propagates shardings between the logical constraints.
-    return jax.make_mesh(tuple(shape), tuple(axes), axis_types=(jax.sharding.AxisType.Auto,) * len(axes))
+    return jax.make_mesh(tuple(shape), tuple(axes), axis_types=(jax.sharding.AxisType.Auto,) * len(axes),
+                         devices=devices)
 
 
 def param_shardings(abstract_params, mesh: Mesh, rules=DEFAULT_RULES):

@@ -1,0 +1,315 @@
+"""The train loop (big_vision style: one readable function over a pytree state).
+
+config -> validate -> mesh + logical rules -> grain iterator (host-local shards) -> global batch
+-> tokens.pack -> flow-matching loss -> AdamW (clip) -> EMA -> metrics -> Orbax save every N steps
+(state + data iterator). The same loop runs data / FSDP / tensor parallel by changing only
+`config.mesh.shape` and `config.rules`; multi-host via `jax.distributed.initialize()`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import pathlib
+import time
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from flagdit_jax import checkpoint, sharding, tokens as tok
+from flagdit_jax.flow import losses, paths, timesteps
+from flagdit_jax.models import registry
+
+log = logging.getLogger("flagdit_jax.train")
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    ema_params: Any
+    opt_state: Any
+    rng: jax.Array
+
+
+# ------------------------------------------------------------------------------------------------
+# config
+# ------------------------------------------------------------------------------------------------
+
+
+def model_config(config: ml_collections.ConfigDict):
+    """The model config named by `config.model` (a preset plus field overrides)."""
+    fields = dict(config.model)
+    preset = fields.pop("preset")
+    return registry.get_config(preset, **fields)
+
+
+def num_devices(config) -> int:
+    """Devices the mesh spans: all of them unless `config.mesh.num_devices` (> 0) takes the first n."""
+    n = config.mesh.get("num_devices", -1)
+    if n == -1:
+        return jax.device_count()
+    if not 0 < n <= jax.device_count():
+        raise ValueError(f"config.mesh.num_devices={n} must be -1 (all) or in [1, {jax.device_count()}]")
+    return n
+
+
+def mesh_shape(config) -> tuple[int, ...]:
+    shape = list(config.mesh.shape)
+    if len(shape) != len(sharding.MESH_AXES):
+        raise ValueError(f"config.mesh.shape={tuple(shape)} must have {len(sharding.MESH_AXES)} entries "
+                         f"{sharding.MESH_AXES}")
+    if shape.count(-1) > 1:
+        raise ValueError(f"config.mesh.shape={tuple(shape)}: at most one -1")
+    known = int(np.prod([s for s in shape if s != -1]))
+    n = num_devices(config)
+    if -1 in shape:
+        if n % known:
+            raise ValueError(f"config.mesh.shape={tuple(shape)} cannot fill {n} devices "
+                             f"({n} is not a multiple of {known})")
+        shape[shape.index(-1)] = n // known
+    if int(np.prod(shape)) != n:
+        raise ValueError(f"config.mesh.shape={tuple(config.mesh.shape)} needs {int(np.prod(shape))} devices but "
+                         f"{n} are available; shapes that fit: e.g. ({n}, 1, 1, 1) or (-1, 1, 1, 1)")
+    return tuple(shape)
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Check the config before any compile or I/O; errors name the key, its value and what fits."""
+    for key in ("total_steps", "global_batch", "grad_accum_steps", "log_every_steps"):
+        if int(config[key]) <= 0:
+            raise ValueError(f"config.{key}={config[key]} must be a positive integer")
+    cfg = model_config(config)  # raises on bad model fields
+    shape = mesh_shape(config)
+    data_ways = shape[0] * shape[1]
+    b, a = config.global_batch, config.grad_accum_steps
+    if b % a:
+        raise ValueError(f"config.global_batch={b} must be divisible by config.grad_accum_steps={a}")
+    if (b // a) % data_ways:
+        fit = [x for x in range(data_ways, 4 * data_ways * max(1, b // data_ways) + 1, data_ways)][:4]
+        raise ValueError(f"config.global_batch={b} (per accumulation step {b // a}) must be divisible by the data "
+                         f"axes data*fsdp={data_ways} of config.mesh.shape={shape}; e.g. {fit}")
+    if b % jax.process_count():
+        raise ValueError(f"config.global_batch={b} must be divisible by the process count {jax.process_count()}")
+    if config.data.image_size % cfg.patch_size:
+        raise ValueError(f"config.data.image_size={config.data.image_size} must be divisible by "
+                         f"config.model.patch_size={cfg.patch_size}")
+    if config.data.channels != cfg.in_channels:
+        raise ValueError(f"config.data.channels={config.data.channels} must equal config.model.in_channels="
+                         f"{cfg.in_channels}")
+    paths.get_path(config.flow.path)
+    timesteps.get_time_sampler(config.flow.time_sampler)
+    if config.flow.prediction not in ("velocity", "noise", "score"):
+        raise ValueError(f"config.flow.prediction={config.flow.prediction!r}; expected velocity, noise or score")
+    if not 0.0 <= config.ema_decay < 1.0:
+        raise ValueError(f"config.ema_decay={config.ema_decay} must be in [0, 1)")
+    if config.checkpoint.every_steps <= 0 or config.checkpoint.keep <= 0:
+        raise ValueError(f"config.checkpoint.every_steps={config.checkpoint.every_steps} and "
+                         f"config.checkpoint.keep={config.checkpoint.keep} must be positive")
+
+
+# ------------------------------------------------------------------------------------------------
+# state, step
+# ------------------------------------------------------------------------------------------------
+
+
+def make_optimizer(config) -> optax.GradientTransformation:
+    o = config.optim
+    lr = optax.linear_schedule(0.0, o.lr, o.warmup_steps) if o.warmup_steps else o.lr
+    return optax.chain(optax.clip_by_global_norm(o.grad_clip),
+                       optax.adamw(lr, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay))
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """Everything static that the jitted functions close over."""
+
+    config: Any
+    model: nn.Module
+    model_cfg: Any
+    tx: optax.GradientTransformation
+    layout: tok.Packed  # token layout of one accumulation micro-batch
+    mesh: Any
+    rules: tuple
+    state_shardings: Any
+    batch_sharding: NamedSharding
+
+
+def _example(cfg, batch, size):
+    layout = tok.pack(jnp.zeros((batch, 1, size, size, cfg.in_channels)), cfg.patch_size, nextline=cfg.nextline,
+                      nextframe=cfg.nextframe)
+    return layout, jnp.zeros((batch,)), jnp.zeros((batch,), jnp.int32)
+
+
+def setup(config) -> tuple[Setup, Any]:
+    """Validate, build model / optimizer / mesh and the state shardings; also returns the boxed init."""
+    validate(config)
+    cfg = model_config(config)
+    model = registry.build(cfg)
+    tx = make_optimizer(config)
+    mesh = sharding.make_mesh(mesh_shape(config), devices=jax.devices()[: num_devices(config)])
+    rules = tuple(config.get("rules", sharding.DEFAULT_RULES))
+    micro = config.global_batch // config.grad_accum_steps
+    layout, t, y = _example(cfg, micro, config.data.image_size)
+
+    def init_boxed(rng):
+        params = model.init({"params": rng, "dropout": rng}, layout, t, y=y)["params"]
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
+                          opt_state=tx.init(params), rng=jax.random.key_data(jax.random.key(config.seed + 1)))
+
+    abstract = jax.eval_shape(init_boxed, jax.random.key(0))
+    state_shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract), mesh, rules)
+    batch_sharding = NamedSharding(mesh, P(("data", "fsdp")))
+    return Setup(config, model, cfg, tx, layout, mesh, rules, state_shardings, batch_sharding), init_boxed
+
+
+def init_state(s: Setup, init_boxed) -> TrainState:
+    with jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules):
+        return jax.jit(lambda r: nn.unbox(init_boxed(r)), out_shardings=s.state_shardings)(
+            jax.random.key(s.config.seed))
+
+
+def make_train_step(s: Setup):
+    """Jitted `step(state, batch) -> (state, metrics)` with in/out NamedShardings.
+
+    Noise, times and label dropout are drawn once for the whole global batch and then split into
+    `grad_accum_steps` micro-batches, so accumulation equals the full-batch step (up to float sums).
+    """
+    config, model, tx, cfg = s.config, s.model, s.tx, s.model_cfg
+    accum = config.grad_accum_steps
+    path = paths.get_path(config.flow.path)
+    sample_t = timesteps.get_time_sampler(config.flow.time_sampler)
+    prediction = config.flow.prediction
+    train_eps = 0.0 if prediction == "velocity" else 1e-3  # SiT's create_transport (REFERENCE.md §3)
+
+    def micro_loss(params, x1, x0, t, labels, drop):
+        def model_fn(x_t, t_):
+            return model.apply({"params": params}, s.layout.replace(tokens=x_t), t_, y=labels, force_drop=drop)
+
+        return losses.flow_matching_loss(model_fn, x1, x0, t, path=path, prediction=prediction)[0]
+
+    def step_fn(state: TrainState, batch):
+        rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        k_noise, k_t, k_drop = jax.random.split(rng, 3)
+        b = batch["label"].shape[0]
+        x1 = tok.pack(batch["image"][:, None], cfg.patch_size, nextline=cfg.nextline).tokens
+        x0 = jax.random.normal(k_noise, x1.shape, x1.dtype)
+        t = train_eps + (1.0 - 2.0 * train_eps) * sample_t(k_t, b)
+        drop = jax.random.uniform(k_drop, (b,)) < cfg.class_dropout_prob  # CFG label dropout
+        micro = jax.tree.map(lambda a: a.reshape(accum, b // accum, *a.shape[1:]),
+                             (x1, x0, t, batch["label"], drop))
+        grad_fn = jax.value_and_grad(micro_loss)
+
+        def body(carry, xs):
+            loss_sum, grad_sum = carry
+            loss, grads = grad_fn(state.params, *xs)
+            return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
+
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        (loss, grads), _ = jax.lax.scan(body, (jnp.zeros(()), zeros), micro)
+        loss, grads = loss / accum, jax.tree.map(lambda g: g / accum, grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        d = config.ema_decay
+        ema = jax.tree.map(lambda e, p: e + (1.0 - d) * (p - e), state.ema_params, params)
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+        return state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state), metrics
+
+    return jax.jit(step_fn, in_shardings=(s.state_shardings, s.batch_sharding),
+                   out_shardings=(s.state_shardings, None), donate_argnums=0)
+
+
+def global_batch(s: Setup, local: dict) -> dict:
+    """Host-local numpy batch -> global jax.Arrays sharded over the data axes."""
+    return {k: jax.make_array_from_process_local_data(s.batch_sharding, np.asarray(v)) for k, v in local.items()}
+
+
+# ------------------------------------------------------------------------------------------------
+# the loop
+# ------------------------------------------------------------------------------------------------
+
+
+def make_data_iterator(config):
+    from flagdit_jax.data import pipeline
+
+    source = pipeline.get_source(config.data.name, "train")
+    return pipeline.make_iterator(source, global_batch=config.global_batch, seed=config.seed,
+                                  process_index=jax.process_index(), process_count=jax.process_count(),
+                                  worker_count=config.data.worker_count)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> TrainState:
+    """Train (or resume) in `workdir`; returns the final state."""
+    s, init_boxed = setup(config)  # validates before any compile or I/O
+    workdir = pathlib.Path(workdir).absolute()
+    data_iter = make_data_iterator(config)
+    mngr = checkpoint.make_manager(workdir / "checkpoints", every_steps=config.checkpoint.every_steps,
+                                   keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
+    abstract = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+                            nn.unbox(jax.eval_shape(init_boxed, jax.random.key(0))), s.state_shardings)
+    restored = checkpoint.restore_latest(mngr, abstract, data_iter, config=config)
+    if restored is None:
+        state = init_state(s, init_boxed)
+        checkpoint.write_config(workdir, config)
+    else:
+        state = restored
+    start = int(state.step)
+    step_fn = make_train_step(s)
+    writer = checkpoint.MetricWriter(workdir) if jax.process_index() == 0 else None
+    tokens_per_step = config.global_batch * int(s.layout.mask.sum() // s.layout.mask.shape[0])
+    t_last, n_last = time.time(), start
+    from tqdm import tqdm
+
+    bar = tqdm(total=config.total_steps, initial=start, desc="train", mininterval=10,
+               disable=jax.process_index() != 0)
+    with jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules):
+        for step in range(start, config.total_steps):
+            state, metrics = step_fn(state, global_batch(s, next(data_iter)))
+            done = step + 1
+            bar.update(1)
+            if done % config.log_every_steps == 0 or done == config.total_steps:
+                m = {k: float(v) for k, v in metrics.items()}
+                dt = time.time() - t_last
+                m["steps_per_sec"] = (done - n_last) / dt
+                m["tokens_per_sec"] = m["steps_per_sec"] * tokens_per_step
+                m["learning_rate"] = float(config.optim.lr if not config.optim.warmup_steps
+                                           else config.optim.lr * min(1.0, done / config.optim.warmup_steps))
+                t_last, n_last = time.time(), done
+                if writer:
+                    writer.write(done, m)
+            if mngr.should_save(done) or done == config.total_steps:
+                checkpoint.save(mngr, done, state, data_iter, force=done == config.total_steps)
+            if mngr.reached_preemption(done):
+                checkpoint.save(mngr, done, state, data_iter, force=True)
+                log.warning("preemption signal at step %d: saved and stopping", done)
+                break
+    bar.close()
+    mngr.wait_until_finished()
+    mngr.close()
+    if writer:
+        writer.close()
+    return state
+
+
+def maybe_initialize_distributed() -> None:
+    """Multi-host: `jax.distributed.initialize()` when a cluster is detected (SLURM, TPU pods, GKE)
+    or when the coordinator is given by environment (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES,
+    JAX_PROCESS_ID). Single-process runs skip it."""
+    import os
+
+    if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        jax.distributed.initialize(
+            coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
+            num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+            process_id=int(os.environ["JAX_PROCESS_ID"]),
+        )
+    elif any(k in os.environ for k in ("SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")):
+        jax.distributed.initialize()
