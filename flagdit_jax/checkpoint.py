@@ -10,6 +10,7 @@ import dataclasses
 import json
 import logging
 import pathlib
+import time
 
 import flax.linen as nn
 import jax
@@ -107,6 +108,15 @@ def restore_latest(mngr, abstract_state, data_iter, *, config=None):
                             mngr.directory / str(step), type(e).__name__, e)
             continue
         logging.info("restored step %d from %s", step, mngr.directory)
+        # Move unreadable newer checkpoints aside (kept for inspection, never deleted) so that the
+        # resumed run can save those steps again.
+        for bad, _ in errors:
+            src = pathlib.Path(mngr.directory) / str(bad)
+            dst = src.with_name(f"{bad}.unreadable-{int(time.time())}")
+            src.rename(dst)
+            logging.warning("moved unreadable checkpoint %s to %s", src, dst)
+        if errors:
+            mngr.reload()
         return out.state
     if errors:
         raise RuntimeError(f"no readable checkpoint in {mngr.directory}: " +

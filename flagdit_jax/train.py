@@ -294,6 +294,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Tra
     bar.close()
     mngr.wait_until_finished()
     mngr.close()
+    if hasattr(data_iter, "close"):  # grain worker processes
+        data_iter.close()
     if writer:
         writer.close()
     return state

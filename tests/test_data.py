@@ -86,10 +86,11 @@ def test_process_sharding_partitions_the_global_batch(mnist_train):
         assert a["image"].shape == (4, 32, 32, 1) and b["label"].shape == (4,)
         assert not set(a["index"]) & set(b["index"])
         assert set(a["index"]) | set(b["index"]) == set(s["index"])
-        # Row r of process p is element r * process_count + p of the single-process batch.
+        # Process p holds the contiguous block p of the single-process batch (where
+        # jax.make_array_from_process_local_data puts it in the global array).
         for key in s:
-            np.testing.assert_array_equal(s[key][0::2], a[key])
-            np.testing.assert_array_equal(s[key][1::2], b[key])
+            np.testing.assert_array_equal(s[key][:4], a[key])
+            np.testing.assert_array_equal(s[key][4:], b[key])
 
 
 def test_finite_epochs_same_step_count_on_every_process(mnist_eval):
@@ -129,6 +130,26 @@ def test_iterator_state_through_orbax(mnist_train, tmp_path):
     assert restored["data"] is fresh and restored["meta"] == {"step": 5}
     _assert_batches_equal(_take(fresh, 3), expected)
 
+
+
+@pytest.mark.slow
+def test_worker_processes_give_the_same_batches_and_resume(mnist_train):
+    kw = dict(global_batch=8, seed=0, process_index=0, process_count=1, return_index=True)
+    want = _take(data.make_iterator(mnist_train, **kw), 6)
+    it = data.make_iterator(mnist_train, worker_count=2, **kw)
+    try:
+        got = [{k: np.array(v) for k, v in b.items()} for b in _take(it, 4)]  # copy out of shared memory
+        state = it.get_state()
+    finally:
+        it.close()
+    _assert_batches_equal(got, want[:4])
+    it = data.make_iterator(mnist_train, worker_count=2, **kw)
+    try:
+        it.set_state(state)
+        got = [{k: np.array(v) for k, v in b.items()} for b in _take(it, 2)]
+    finally:
+        it.close()
+    _assert_batches_equal(got, want[4:])
 
 # ---------------------------------------------------------------- ImageNet (tfds mock data)
 

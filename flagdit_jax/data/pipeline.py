@@ -8,16 +8,17 @@ batches handed out): `get_state()` / `set_state()` and `grain.checkpoint.Checkpo
 The pipeline, per process:
 
     source -> map_with_index(augment, +index) -> shuffle(seed) -> repeat(num_epochs)
-           -> [:usable][process_index::process_count] -> batch(global_batch // process_count)
+           -> [:usable] -> batch(global_batch // process_count) -> [process_index::process_count]
            -> to_iter_dataset(threads) -> mp_prefetch(workers)
 
 * One global stream: shuffle and augmentation run on the whole source with the same seed on
-  every process, and each process then takes every `process_count`-th element of that stream
-  (with `drop_remainder`: the finite stream is cut to a multiple of `global_batch` first, so all
-  processes make the same number of steps). At step `s`, row `r` of process `p` is global-stream
-  element `s * global_batch + r * process_count + p`: the processes' batches are disjoint and
-  together are exactly the batch a single process would draw, so the data order does not depend
-  on the number of hosts. Reads stay local: a process only reads its own elements.
+  every process; the stream is cut into host-local batches and each process takes every
+  `process_count`-th of them (with `drop_remainder`: the finite stream is cut to a multiple of
+  `global_batch` first, so all processes make the same number of steps). At step `s`, row `r` of
+  process `p` is global-stream element `s * global_batch + p * local_batch + r`: process p holds
+  the contiguous block p of the global batch, exactly where `jax.make_array_from_process_local_data`
+  puts it, so the global batch does not depend on the number of hosts. Reads stay local: a
+  process only reads its own elements.
 * Each epoch is reshuffled (grain folds the epoch into the shuffle seed).
 * Augmentation (sources with an `augment(element, rng)` method, e.g. ImageNet's flip) draws from
   `np.random.default_rng((aug_seed, i))`, `i = epoch * len(source) + record`: fixed by the seed,
@@ -126,8 +127,12 @@ def make_dataset(source, *, global_batch: int, seed: int, shuffle: bool = True, 
     usable = len(ds) // global_batch * global_batch
     if usable == 0:
         raise ValueError(f"{n} examples x {num_epochs} epoch(s) give no full global batch of {global_batch}")
-    ds = ds[process_index:usable:process_count]
-    ds = ds.batch(global_batch // process_count, drop_remainder=True)
+    # Host-local batches are contiguous blocks of the global batch: block p of global batch g is
+    # local batch g*P + p. `jax.make_array_from_process_local_data` places process p's rows at
+    # [p*b, (p+1)*b), so the global batch (and the per-row noise drawn for it) is the same for any
+    # number of hosts.
+    ds = ds[:usable].batch(global_batch // process_count, drop_remainder=True)
+    ds = ds[process_index::process_count]
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=_check_int("read_threads", read_threads, 0),
                                               prefetch_buffer_size=_check_int("prefetch_batches",
                                                                               prefetch_batches, 0)))

@@ -8,6 +8,8 @@ conditioned and float32 loses digits in the trace difference.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 try:
@@ -47,10 +49,14 @@ def _trace_sqrt_eigh(s1: np.ndarray, s2: np.ndarray) -> float:
 def _trace_sqrt_scipy(s1: np.ndarray, s2: np.ndarray, eps: float) -> float:
     # The reference (pytorch-fid) route: sqrtm of the non-symmetric product, with an eps*I offset
     # when the product is singular enough that sqrtm returns non-finite values.
-    covmean = _sl.sqrtm(s1 @ s2)
-    if not np.all(np.isfinite(covmean)):
-        off = np.eye(s1.shape[0]) * eps
-        covmean = _sl.sqrtm((s1 + off) @ (s2 + off))
+    with warnings.catch_warnings():
+        # Rank-deficient covariances (N < D, or class-mean images) are expected; the root of the
+        # singular product is still fine (checked against the eigh route in the tests).
+        warnings.filterwarnings("ignore", message="Matrix is singular")
+        covmean = _sl.sqrtm(s1 @ s2)
+        if not np.all(np.isfinite(covmean)):
+            off = np.eye(s1.shape[0]) * eps
+            covmean = _sl.sqrtm((s1 + off) @ (s2 + off))
     if np.iscomplexobj(covmean):
         # Imaginary parts are round-off of a matrix whose true root is real (similar to PSD).
         covmean = covmean.real
