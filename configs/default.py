@@ -39,5 +39,6 @@ def get_config(arg=None):
     # Sampling / evaluation defaults for `flagdit sample` and `flagdit eval`.
     c.sample = ml_collections.ConfigDict(dict(method="heun", num_steps=25, cfg_scale=2.0, per_class=8,
                                               use_ema=True))
-    c.eval = ml_collections.ConfigDict(dict(num_samples=1000, batch=250))
+    # classifier_steps: 0 = the feature net's default schedule (the net is cached in the workdir).
+    c.eval = ml_collections.ConfigDict(dict(num_samples=1000, batch=250, classifier_steps=0))
     return c

@@ -3,7 +3,6 @@
     flagdit train --config configs/default.py --workdir runs/default [--config.total_steps=20]
     flagdit sample --workdir runs/default [--config.sample.cfg_scale=3]
     flagdit eval --workdir runs/default
-    flagdit demo --workdir runs/demo            # train a tiny Flag-DiT on the embedded MNIST, sample
     flagdit convert --checkpoint consolidated.00-of-01.pth --model-args model_args.pth --output ckpt/
     flagdit presets                             # the preset table with parameter counts
 """
@@ -45,13 +44,6 @@ def _presets(args) -> int:
     from flagdit_jax.models import registry
 
     print(registry.preset_table())
-    return 0
-
-
-def _demo(args) -> int:
-    from flagdit_jax import demo
-
-    demo.run(pathlib.Path(args.workdir), steps=args.steps, seed=args.seed, cfg_scale=args.cfg_scale)
     return 0
 
 
@@ -128,12 +120,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("presets", help="print the preset table")
     p.set_defaults(fn=_presets)
 
-    d = sub.add_parser("demo", help="train a tiny class-conditional Flag-DiT on the embedded MNIST and sample")
-    d.add_argument("--workdir", required=True)
-    d.add_argument("--steps", type=int, default=1500)
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--cfg-scale", type=float, default=2.0)
-    d.set_defaults(fn=_demo)
     return ap
 
 

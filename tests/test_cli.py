@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import pathlib
 
 import jax.numpy as jnp
 import numpy as np
@@ -76,11 +77,16 @@ def test_presets_command(capsys):
     assert "flagdit-7b" in out and "7,293,819,936" in out
 
 
-def test_demo_smoke(tmp_path):
-    """The main job end to end at a few steps: trains, samples, writes the grid and metrics."""
-    from flagdit_jax import demo
-
-    m = demo.run(tmp_path, steps=3, sample_steps=2, per_class=1)
-    assert (tmp_path / "samples.png").stat().st_size > 0
-    assert json.loads((tmp_path / "metrics.json").read_text())["steps"] == 3
-    assert np.isfinite(m["loss_last50"])
+def test_train_sample_eval_smoke(tmp_path):
+    """The main job's three commands end to end at a few steps (the full run is in the README)."""
+    cfg = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "default.py")
+    wd = str(tmp_path / "run")
+    assert cli.main(["train", "--config", cfg, "--workdir", wd, "--config.total_steps=3",
+                     "--config.model.dim=32", "--config.model.n_layers=1"]) == 0
+    assert cli.main(["sample", "--workdir", wd, "--config.sample.num_steps=2", "--config.sample.per_class=1"]) == 0
+    assert (tmp_path / "run" / "samples_3.png").stat().st_size > 0
+    assert cli.main(["eval", "--workdir", wd, "--config.sample.num_steps=2", "--config.eval.num_samples=20",
+                     "--config.eval.batch=20", "--config.eval.classifier_steps=20"]) == 0
+    rep = json.loads((tmp_path / "run" / "eval_3.json").read_text())
+    assert rep["generated"]["n"] == 20 and np.isfinite(rep["generated"]["fid"])
+    assert {"real_floor", "noise", "class_mean"} <= set(rep["baselines"])
