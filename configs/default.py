@@ -19,17 +19,19 @@ def get_config(arg=None):
     c.model = ml_collections.ConfigDict(dict(
         preset="flagdit-tiny", dim=128, n_layers=4, n_heads=4, n_kv_heads=None, patch_size=4, in_channels=1,
         multiple_of=128,  # SwiGLU hidden 384 (the reference rounds int(8d/3) up to this multiple)
-        num_classes=10, class_dropout_prob=0.1, dtype="float32", remat=False))
+        num_classes=10, class_dropout_prob=0.1, dtype="float32", remat="none"))
 
     c.data = ml_collections.ConfigDict(dict(name="mnist", image_size=32, channels=1, worker_count=0))
 
     # Flow matching (REFERENCE.md §3): linear path, velocity target.
     c.flow = ml_collections.ConfigDict(dict(path="linear", time_sampler="uniform", prediction="velocity"))
 
-    # AdamW as the reference (betas 0.9/0.999, no weight decay, constant lr), clip 2.0.
+    # AdamW as the reference (betas 0.9/0.999, no weight decay, constant lr), clip 2.0. A short EMA
+    # (0.995 averages ~200 steps): with 0.999 over 3,500 steps the EMA lagged the raw weights
+    # (accuracy 65% vs 86% in one run); `optim.schedule='cosine'` is available and did not help here.
     c.optim = ml_collections.ConfigDict(dict(lr=1e-3, b1=0.9, b2=0.999, weight_decay=0.0, grad_clip=2.0,
-                                             warmup_steps=0))
-    c.ema_decay = 0.999
+                                             warmup_steps=0, schedule="constant"))
+    c.ema_decay = 0.995
 
     # Mesh [data, fsdp, sequence, tensor]; -1 takes the remaining devices.
     c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1, 1), num_devices=-1))

@@ -109,6 +109,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     timesteps.get_time_sampler(config.flow.time_sampler)
     if config.flow.prediction not in ("velocity", "noise", "score"):
         raise ValueError(f"config.flow.prediction={config.flow.prediction!r}; expected velocity, noise or score")
+    if config.optim.get("schedule", "constant") not in ("constant", "cosine"):
+        raise ValueError(f"config.optim.schedule={config.optim.schedule!r}; expected 'constant' or 'cosine'")
     if not 0.0 <= config.ema_decay < 1.0:
         raise ValueError(f"config.ema_decay={config.ema_decay} must be in [0, 1)")
     if config.checkpoint.every_steps <= 0 or config.checkpoint.keep <= 0:
@@ -121,11 +123,20 @@ def validate(config: ml_collections.ConfigDict) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
+def learning_rate(config) -> optax.Schedule:
+    """Linear warm-up, then constant (the reference's choice) or cosine decay to 0 at total_steps."""
+    o = config.optim
+    if o.get("schedule", "constant") == "constant":
+        return optax.join_schedules([optax.linear_schedule(0.0, o.lr, o.warmup_steps), optax.constant_schedule(o.lr)],
+                                    [o.warmup_steps]) if o.warmup_steps else optax.constant_schedule(o.lr)
+    return optax.warmup_cosine_decay_schedule(0.0 if o.warmup_steps else o.lr, o.lr, o.warmup_steps,
+                                              config.total_steps)
+
+
 def make_optimizer(config) -> optax.GradientTransformation:
     o = config.optim
-    lr = optax.linear_schedule(0.0, o.lr, o.warmup_steps) if o.warmup_steps else o.lr
     return optax.chain(optax.clip_by_global_norm(o.grad_clip),
-                       optax.adamw(lr, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay))
+                       optax.adamw(learning_rate(config), b1=o.b1, b2=o.b2, weight_decay=o.weight_decay))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -263,6 +274,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Tra
         state = restored
     start = int(state.step)
     step_fn = make_train_step(s)
+    lr_fn = learning_rate(config)
     writer = checkpoint.MetricWriter(workdir) if jax.process_index() == 0 else None
     tokens_per_step = config.global_batch * int(s.layout.mask.sum() // s.layout.mask.shape[0])
     t_last, n_last = time.time(), start
@@ -280,8 +292,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Tra
                 dt = time.time() - t_last
                 m["steps_per_sec"] = (done - n_last) / dt
                 m["tokens_per_sec"] = m["steps_per_sec"] * tokens_per_step
-                m["learning_rate"] = float(config.optim.lr if not config.optim.warmup_steps
-                                           else config.optim.lr * min(1.0, done / config.optim.warmup_steps))
+                m["learning_rate"] = float(lr_fn(done - 1))
                 t_last, n_last = time.time(), done
                 if writer:
                     writer.write(done, m)

@@ -266,3 +266,21 @@ def test_training_lowers_the_loss_and_samples_approach_the_data(tmp_path):
     ours, baseline = nearest_rms(images), nearest_rms(noise)
     print(f"RMS distance to the nearest real digit: samples {ours:.3f}, noise {baseline:.3f}")
     assert ours < 0.7 * baseline
+
+
+@pytest.mark.parametrize("overrides", [{"model.dtype": "bfloat16"}, {"model.remat": "full"}, {"model.remat": "dots"}],
+                         ids=["bf16-compute", "remat-full", "remat-dots"])
+def test_mixed_precision_and_remat(overrides, batches, single_device):
+    """bf16 compute keeps fp32 master weights and optimizer state and tracks the fp32 loss;
+    rematerialisation changes memory, not results."""
+    state, losses = run_steps(tiny_config(**{"mesh.shape": (1, 1, 1, 1), "mesh.num_devices": 1, **overrides}), batches)
+    ref_state, ref_losses = single_device
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.opt_state) if hasattr(x, "dtype")
+               and jnp.issubdtype(x.dtype, jnp.floating))
+    if "model.dtype" in overrides:
+        np.testing.assert_allclose(losses, ref_losses, rtol=3e-2)
+    else:
+        np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+        for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(ref_state.params)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-6)

@@ -33,7 +33,9 @@ class DiTConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     attention: str = "xla"
-    remat: bool = False
+    # Activation rematerialisation of each block: 'none', 'full' (save nothing) or 'dots'
+    # (save matmul outputs without batch dims), see layers.remat_block.
+    remat: str = "none"
     # Fixed by the architecture; present so tokens/model checks treat every backbone alike.
     nextline: bool = dataclasses.field(default=False, init=False)
     nextframe: bool = dataclasses.field(default=False, init=False)
@@ -49,6 +51,10 @@ class DiTConfig:
             raise ValueError(f"dim={self.dim} must be divisible by 4 for the 2-D sin-cos embedding")
         if self.attention not in L.ATTENTION_IMPLEMENTATIONS:
             raise ValueError(f"attention={self.attention!r}; expected one of {L.ATTENTION_IMPLEMENTATIONS}")
+        if isinstance(self.remat, bool):  # older configs: remat=True/False
+            object.__setattr__(self, "remat", "full" if self.remat else "none")
+        if self.remat not in L.REMAT_POLICIES:
+            raise ValueError(f"remat={self.remat!r}; expected one of {tuple(L.REMAT_POLICIES)}")
 
     @property
     def head_dim(self) -> int:
@@ -123,7 +129,7 @@ class DiT(nn.Module):
         c = c + L.LabelEmbedder(cfg.num_classes, cfg.dim, cfg.class_dropout_prob, name="y_embedder",
                                 param_dtype=pdtype)(y, train=train, force_drop=force_drop).astype(c.dtype)
         mask = packed.mask if has_pads(packed) else None
-        block = nn.remat(DiTBlock) if cfg.remat else DiTBlock
+        block = L.remat_block(DiTBlock, cfg.remat)
         for i in range(cfg.n_layers):
             x = block(cfg, name=f"blocks_{i}")(x, c, mask)
             self.sow("intermediates", f"out:blocks_{i}", x)

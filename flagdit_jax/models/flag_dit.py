@@ -45,7 +45,9 @@ class FlagDiTConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     attention: str = "xla"
-    remat: bool = False
+    # Activation rematerialisation of each block: 'none', 'full' (save nothing) or 'dots'
+    # (save matmul outputs without batch dims), see layers.remat_block.
+    remat: str = "none"
 
     def __post_init__(self):
         for name in ("dim", "n_layers", "n_heads", "patch_size", "in_channels", "multiple_of"):
@@ -64,6 +66,10 @@ class FlagDiTConfig:
             )
         if self.attention not in L.ATTENTION_IMPLEMENTATIONS:
             raise ValueError(f"attention={self.attention!r}; expected one of {L.ATTENTION_IMPLEMENTATIONS}")
+        if isinstance(self.remat, bool):  # older configs: remat=True/False
+            object.__setattr__(self, "remat", "full" if self.remat else "none")
+        if self.remat not in L.REMAT_POLICIES:
+            raise ValueError(f"remat={self.remat!r}; expected one of {tuple(L.REMAT_POLICIES)}")
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in ("float32", "bfloat16", "float16"):
                 raise ValueError(f"{name}={getattr(self, name)!r}; expected float32, bfloat16 or float16")
@@ -261,7 +267,7 @@ class FlagDiT(nn.Module):
         scale = None if base_seqlen is None else L.proportional_scale(seq_len, base_seqlen, cfg.head_dim)
         # Pads are masked as keys (the T2I reference's key mask); with no pads, no mask at all.
         mask = packed.mask if has_pads(packed) else None
-        block = nn.remat(FlagDiTBlock) if cfg.remat else FlagDiTBlock
+        block = L.remat_block(FlagDiTBlock, cfg.remat)
         x = L.constrain(x, ("activation_batch", "activation_length", "activation_embed"))
         for i in range(cfg.n_layers):
             x = block(cfg, name=f"layers_{i}")(x, c, angles, mask, cap_feats, cap_mask, scale=scale)

@@ -26,6 +26,19 @@ normal_002 = nn.initializers.normal(stddev=0.02)
 ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "splash")
 
 
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def remat_block(block_cls, policy: str):
+    """The block class, rematerialised under a named `jax.checkpoint` policy ('none' = as is;
+    the model configs validate the name)."""
+    return block_cls if policy == "none" else nn.remat(block_cls, policy=REMAT_POLICIES[policy])
+
+
 def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
     """Logical sharding constraint on an activation (a no-op outside a rules context)."""
     return nn.with_logical_constraint(x, axes)
@@ -277,24 +290,20 @@ _xla_attention.defvjp(_xla_attention_fwd, _xla_attention_bwd)
 
 
 def _splash_attention(q, k, v, *, key_mask, scale):
-    """TPU Pallas splash attention (segment ids carry the key mask). Only runs on TPU."""
+    """TPU Pallas splash attention; the key mask becomes segment ids (queries all in segment 1,
+    valid keys 1, masked keys 0). Only runs on TPU: not exercised by the CPU test suite."""
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
-    b, hq, lq, d = q.shape
+    b, hq, lq, _ = q.shape
     hkv, lk = k.shape[1], k.shape[2]
     k = jnp.repeat(k, hq // hkv, axis=1)
     v = jnp.repeat(v, hq // hkv, axis=1)
-    mask = sm.MultiHeadMask([sm.FullMask((lq, lk)) for _ in range(hq)])
-    kernel = sk.make_splash_mha(mask, head_shards=1, q_seq_shards=1)
+    kernel = sk.make_splash_mha(sm.MultiHeadMask([sm.FullMask((lq, lk))] * hq), head_shards=1, q_seq_shards=1)
     if key_mask is None:
-        seg = None
-    else:
-        # Queries are all segment 1; valid keys segment 1, masked keys segment 0.
-        seg_q = jnp.ones((b, lq), jnp.int32)
-        seg = sk.SegmentIds(q=seg_q, kv=key_mask.astype(jnp.int32))
-    fn = lambda q_, k_, v_, s_: kernel(q_ * scale, k_, v_, segment_ids=s_)
-    return jax.vmap(fn)(q, k, v, seg) if seg is not None else jax.vmap(lambda a, c, e: kernel(a * scale, c, e))(q, k, v)
+        key_mask = jnp.ones((b, lk), bool)
+    seg = sk.SegmentIds(q=jnp.ones((b, lq), jnp.int32), kv=key_mask.astype(jnp.int32))
+    return jax.vmap(lambda q_, k_, v_, s_: kernel(q_ * scale, k_, v_, segment_ids=s_))(q, k, v, seg)
 
 
 # ----------------------------------------------------------------------------------------------
