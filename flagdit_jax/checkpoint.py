@@ -87,7 +87,7 @@ def save(mngr, step: int, state, data_iter, *, force: bool = False) -> bool:
                                                    data=grain.checkpoint.CheckpointSave(data_iter)), force=force)
 
 
-def restore_latest(mngr, abstract_state, data_iter, *, config=None):
+def restore_latest(mngr, abstract_state, data_iter):
     """Restore the newest readable checkpoint onto `abstract_state`'s shardings (any mesh).
 
     A checkpoint that fails to restore (truncated or corrupt files) is reported with a warning

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import pathlib
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,14 +18,12 @@ from flagdit_jax.flow import samplers
 
 def load_params(config, workdir: str | pathlib.Path, *, use_ema: bool = True):
     """Params (EMA by default) of the latest checkpoint in `workdir`, restored onto this host's mesh."""
-    s, init_boxed = train.setup(config)
-    abstract = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
-                            nn.unbox(jax.eval_shape(init_boxed, jax.random.key(0))), s.state_shardings)
+    s, _ = train.setup(config)
     mngr = checkpoint.make_manager(pathlib.Path(workdir) / "checkpoints", every_steps=1, keep=1)
     step = mngr.latest_step()
     if step is None:
         raise FileNotFoundError(f"no checkpoint in {pathlib.Path(workdir) / 'checkpoints'}; run `flagdit train` first")
-    state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))).state
+    state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(s.abstract_state))).state
     mngr.close()
     return (state.ema_params if use_ema else state.params), s, step
 

@@ -151,6 +151,7 @@ class Setup:
     mesh: Any
     rules: tuple
     state_shardings: Any
+    abstract_state: Any  # TrainState of ShapeDtypeStructs carrying `state_shardings` (restore target)
     batch_sharding: NamedSharding
 
 
@@ -178,8 +179,11 @@ def setup(config) -> tuple[Setup, Any]:
 
     abstract = jax.eval_shape(init_boxed, jax.random.key(0))
     state_shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract), mesh, rules)
+    abstract_state = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+                                  nn.unbox(abstract), state_shardings)
     batch_sharding = NamedSharding(mesh, P(("data", "fsdp")))
-    return Setup(config, model, cfg, tx, layout, mesh, rules, state_shardings, batch_sharding), init_boxed
+    return Setup(config, model, cfg, tx, layout, mesh, rules, state_shardings, abstract_state,
+                 batch_sharding), init_boxed
 
 
 def init_state(s: Setup, init_boxed) -> TrainState:
@@ -264,9 +268,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Tra
     data_iter = make_data_iterator(config)
     mngr = checkpoint.make_manager(workdir / "checkpoints", every_steps=config.checkpoint.every_steps,
                                    keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
-    abstract = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
-                            nn.unbox(jax.eval_shape(init_boxed, jax.random.key(0))), s.state_shardings)
-    restored = checkpoint.restore_latest(mngr, abstract, data_iter, config=config)
+    restored = checkpoint.restore_latest(mngr, s.abstract_state, data_iter)
     if restored is None:
         state = init_state(s, init_boxed)
         checkpoint.write_config(workdir, config)

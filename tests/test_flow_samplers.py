@@ -59,26 +59,19 @@ def _observed_orders(velocity_fn, method):
     return errs, np.log2(errs[:-1] / errs[1:])
 
 
-def test_fixed_step_orders_linear_path():
-    """Linear path. Euler 1, Heun 2, RK4 4 -- and midpoint 3, not 2: for this problem sig_t^2 is
-    quadratic in t, and then the h^3 term of the midpoint local error, sig'''/6 - k' sig'/4 -
-    k'' sig/8 with k = sig'/sig, is identically zero (use sig''' = -3 sig' sig''/sig, which
-    follows from (sig^2)''' = 0). The generic second order is checked on the GVP path below."""
-    expected = {"euler": 1.0, "midpoint": 3.0, "heun": 2.0, "rk4": 4.0}
+@pytest.mark.parametrize("name, v_fn, expected", [
+    ("linear", v_linear, {"euler": 1.0, "midpoint": 3.0, "heun": 2.0, "rk4": 4.0}),
+    ("gvp", v_gvp, {"euler": 1.0, "midpoint": 2.0, "heun": 2.0, "rk4": 4.0}),
+])
+def test_fixed_step_orders(name, v_fn, expected):
+    """Euler 1, Heun 2, RK4 4 on both paths. Midpoint is 3, not 2, on the linear path: there
+    sig_t^2 is quadratic in t, and then the h^3 term of the midpoint local error, sig'''/6 -
+    k' sig'/4 - k'' sig/8 with k = sig'/sig, is identically zero (use sig''' = -3 sig' sig''/sig,
+    which follows from (sig^2)''' = 0); the GVP path shows the generic second order."""
     with jax.enable_x64(True):
         for method, p in expected.items():
-            errs, orders = _observed_orders(v_linear, method)
-            print(f"linear {method:8s} steps {STEPS[method]} errors {errs} orders {orders.round(3)}")
-            assert np.all(np.abs(orders[-2:] - p) < 0.25), (method, orders)
-            assert np.all(np.abs(orders - p) < 0.5), (method, orders)
-
-
-def test_fixed_step_orders_gvp_path():
-    expected = {"euler": 1.0, "midpoint": 2.0, "heun": 2.0, "rk4": 4.0}
-    with jax.enable_x64(True):
-        for method, p in expected.items():
-            errs, orders = _observed_orders(v_gvp, method)
-            print(f"gvp    {method:8s} steps {STEPS[method]} errors {errs} orders {orders.round(3)}")
+            errs, orders = _observed_orders(v_fn, method)
+            print(f"{name:6s} {method:8s} steps {STEPS[method]} errors {errs} orders {orders.round(3)}")
             assert np.all(np.abs(orders[-2:] - p) < 0.25), (method, orders)
             assert np.all(np.abs(orders - p) < 0.5), (method, orders)
 
