@@ -17,31 +17,49 @@ from flagdit_jax.flow import samplers
 
 
 def load_params(config, workdir: str | pathlib.Path, *, use_ema: bool = True):
-    """Params (EMA by default) of the latest checkpoint in `workdir`, restored onto this host's mesh."""
+    """Params (EMA by default) of the latest checkpoint in `workdir`, restored onto this host's mesh.
+
+    Only the one params tree is read (Orbax partial restore), so a checkpoint whose optimizer state
+    differs from `config.optim` (another schedule, another optimizer) still samples.
+    """
     s, _ = train.setup(config)
+    key = "ema_params" if use_ema else "params"
+    abstract = {key: getattr(s.abstract_state, key)}
+    restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), abstract)
     mngr = checkpoint.make_manager(pathlib.Path(workdir) / "checkpoints", every_steps=1, keep=1)
     step = mngr.latest_step()
     if step is None:
         raise FileNotFoundError(f"no checkpoint in {pathlib.Path(workdir) / 'checkpoints'}; run `flagdit train` first")
-    state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(s.abstract_state))).state
+    args = ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args, partial_restore=True)
+    params = mngr.restore(step, args=ocp.args.Composite(state=args)).state[key]
     mngr.close()
-    return (state.ema_params if use_ema else state.params), s, step
+    return params, s, step
 
 
-def make_generator(s: "train.Setup", n: int, *, method: str, num_steps: int, cfg_scale: float):
-    """Jitted `generate(params, labels [n], key) -> images [n, H, W, C]` with all-channel CFG."""
+def make_generator(s: "train.Setup", n: int, *, method: str, num_steps: int, cfg_scale: float,
+                   cfg_channels: int | None = None):
+    """Jitted `generate(params, labels [n], key) -> images [n, H, W, C]`.
+
+    cfg_channels=None guides every channel; 3 is the reference's first-3-latent-channel CFG
+    (REFERENCE.md §4). The ODE state is kept as [n, L, p*p, C] so that the channel axis is last.
+    """
     cfg, size = s.model_cfg, s.config.data.image_size
     layout = tok.pack(jnp.zeros((n, 1, size, size, cfg.in_channels)), cfg.patch_size, nextline=cfg.nextline)
     pair = tok.pack(jnp.zeros((2 * n, 1, size, size, cfg.in_channels)), cfg.patch_size, nextline=cfg.nextline)
     null = cfg.num_classes
+    shape = layout.tokens.shape[:2] + (cfg.patch_size ** 2, cfg.in_channels)
 
     @jax.jit
     def generate(params, labels, key):
-        model_fn = lambda x, t, y: s.model.apply({"params": params}, pair.replace(tokens=x), t, y=y)
-        v = samplers.guided_velocity_fn(model_fn, labels, jnp.full_like(labels, null), cfg_scale)
-        x0 = jax.random.normal(key, layout.tokens.shape)
+        def model_fn(x, t, y):
+            tokens = x.reshape(x.shape[:2] + (-1,))
+            return s.model.apply({"params": params}, pair.replace(tokens=tokens), t, y=y).reshape(x.shape)
+
+        v = samplers.guided_velocity_fn(model_fn, labels, jnp.full_like(labels, null), cfg_scale,
+                                        channels=cfg_channels)
+        x0 = jax.random.normal(key, shape)
         x1 = samplers.sample_ode(v, x0, method=method, num_steps=num_steps)
-        return tok.unpack(x1, layout)[:, 0]
+        return tok.unpack(x1.reshape(layout.tokens.shape), layout)[:, 0]
 
     return generate
 
@@ -50,7 +68,8 @@ def generate_images(config, params, s, labels: np.ndarray, seed: int, batch: int
     """Images `[N, H, W, C]` in [-1, 1] for class `labels`, in batches of `batch`."""
     sc = config.sample
     batch = batch or len(labels)
-    gen = make_generator(s, batch, method=sc.method, num_steps=sc.num_steps, cfg_scale=sc.cfg_scale)
+    gen = make_generator(s, batch, method=sc.method, num_steps=sc.num_steps, cfg_scale=sc.cfg_scale,
+                         cfg_channels=sc.get("cfg_channels"))
     out = []
     for i in range(0, len(labels), batch):
         lb = np.asarray(labels[i:i + batch], np.int32)
@@ -78,6 +97,11 @@ def sample_grid(config, workdir: str | pathlib.Path, out: str | pathlib.Path | N
     n_cls = s.model_cfg.num_classes
     labels = np.repeat(np.arange(n_cls), config.sample.per_class)
     images = generate_images(config, params, s, labels, seed=config.seed)
+    if images.shape[-1] not in (1, 3):  # VAE latents: no image to show without a decoder
+        out = pathlib.Path(out) if out else pathlib.Path(workdir) / f"samples_{step}.npz"
+        np.savez(out, latents=images, labels=labels)
+        print(f"wrote {out}: {images.shape} latents (decode with the run's VAE), labels {labels.shape}")
+        return out
     out = pathlib.Path(out) if out else pathlib.Path(workdir) / f"samples_{step}.png"
     save_grid(out, images, rows=n_cls)
     print(f"wrote {out} ({n_cls} rows, one per class; step {step}, {config.sample.method} x{config.sample.num_steps},"

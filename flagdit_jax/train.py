@@ -47,7 +47,7 @@ class TrainState:
 
 def model_config(config: ml_collections.ConfigDict):
     """The model config named by `config.model` (a preset plus field overrides)."""
-    fields = dict(config.model)
+    fields = {k: v for k, v in dict(config.model).items() if v is not None}  # None: keep the preset's value
     preset = fields.pop("preset")
     return registry.get_config(preset, **fields)
 
@@ -99,6 +99,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
                          f"axes data*fsdp={data_ways} of config.mesh.shape={shape}; e.g. {fit}")
     if b % jax.process_count():
         raise ValueError(f"config.global_batch={b} must be divisible by the process count {jax.process_count()}")
+    from flagdit_jax.data import pipeline
+
+    if config.data.name not in pipeline.SOURCES:
+        raise ValueError(f"config.data.name={config.data.name!r}; expected one of {pipeline.SOURCES}")
+    if config.data.name == "latents" and not any(dict(config.data.get("options", {})).get(k)
+                                                 for k in ("data_dir", "path_prefix")):
+        raise ValueError("config.data.name='latents' needs config.data.options.data_dir (a folder of "
+                         "train-*.array_record shards written by flagdit_jax.data.latents.write_latents) "
+                         f"or config.data.options.path_prefix; got options={dict(config.data.get('options', {}))}")
     if config.data.image_size % cfg.patch_size:
         raise ValueError(f"config.data.image_size={config.data.image_size} must be divisible by "
                          f"config.model.patch_size={cfg.patch_size}")
@@ -255,7 +264,7 @@ def global_batch(s: Setup, local: dict) -> dict:
 def make_data_iterator(config):
     from flagdit_jax.data import pipeline
 
-    source = pipeline.get_source(config.data.name, "train")
+    source = pipeline.get_source(config.data.name, "train", **dict(config.data.get("options", {})))
     return pipeline.make_iterator(source, global_batch=config.global_batch, seed=config.seed,
                                   process_index=jax.process_index(), process_count=jax.process_count(),
                                   worker_count=config.data.worker_count)

@@ -19,7 +19,7 @@ from flagdit_jax.convert import official
 from flagdit_jax.flow.samplers import cfg_combine
 from flagdit_jax.models import registry
 
-SUPPORTED = {"flagdit_imagenet", "lumina_t2i"}
+SUPPORTED = {"flagdit_imagenet", "lumina_t2i", "nextdit_imagenet", "lumina_next_t2i"}
 ATOL = 1e-5
 FILES = sorted(GOLDEN_DIR.glob("*.json"))
 
@@ -70,7 +70,11 @@ def _options(kwargs):
         opts["pi_factor"] = kwargs["rope_scaling_factor"]
     if kwargs.get("proportional_attn"):
         opts["base_seqlen"] = kwargs["base_seqlen"]
-    unknown = set(kwargs) - {"cfg_scale", "ntk_factor", "rope_scaling_factor", "proportional_attn", "base_seqlen"}
+    if "scale_factor" in kwargs:  # Lumina-Next's time-aware switch (official default watershed 1.0)
+        opts["scale_factor"] = kwargs["scale_factor"]
+        opts["scale_watershed"] = kwargs.get("scale_watershed", 1.0)
+    unknown = set(kwargs) - {"cfg_scale", "ntk_factor", "rope_scaling_factor", "proportional_attn", "base_seqlen",
+                             "scale_factor", "scale_watershed"}
     if unknown:
         raise NotImplementedError(f"golden call option(s) {sorted(unknown)} not mapped")
     return opts
@@ -94,9 +98,10 @@ def replay(g, call):
 
 
 def _params(path):
-    return pytest.param(path, marks=() if json.loads(path.read_text())["variant"] in SUPPORTED else
-                        pytest.mark.skip(reason="Next-DiT variants are replayed with the Lumina-Next issue (#5)"),
-                        id=path.stem)
+    variant = json.loads(path.read_text())["variant"]
+    if variant not in SUPPORTED:
+        raise ValueError(f"{path}: unknown golden variant {variant!r}; expected one of {sorted(SUPPORTED)}")
+    return pytest.param(path, id=path.stem)
 
 
 @pytest.fixture(scope="module", params=[_params(p) for p in FILES])

@@ -232,6 +232,25 @@ def test_restore_onto_a_different_mesh(tmp_path):
     assert w1.sharding.spec == P("fsdp", "tensor") and w1.addressable_shards[0].data.shape[0] == 32 // 4
 
 
+def test_sampling_reads_only_the_params_tree(tmp_path):
+    """Weights restore from a checkpoint whose optimizer state has another structure (another optimizer)."""
+    import optax
+    import orbax.checkpoint as ocp
+
+    from flagdit_jax import checkpoint, sample
+
+    config = tiny_config(**{"total_steps": 3, "checkpoint.async_save": False})
+    state = train.train(config, tmp_path / "run")
+    other = state.replace(opt_state=optax.sgd(0.1, momentum=0.9).init(state.params))
+    assert jax.tree.structure(other.opt_state) != jax.tree.structure(state.opt_state)
+    mngr = checkpoint.make_manager(tmp_path / "other" / "checkpoints", every_steps=1, keep=1, async_save=False)
+    mngr.save(7, args=ocp.args.Composite(state=ocp.args.StandardSave(other)))
+    mngr.close()
+    ema, _, step = sample.load_params(config, tmp_path / "other", use_ema=True)
+    assert step == 7
+    assert_trees_equal(ema, state.ema_params)
+
+
 def test_preemption_saves_and_stops(tmp_path, monkeypatch):
     import orbax.checkpoint as ocp
 

@@ -18,6 +18,7 @@ import numpy as np
 
 from flagdit_jax.models import registry
 from flagdit_jax.models.flag_dit import FlagDiTConfig
+from flagdit_jax.models.next_dit import NextDiTConfig
 
 # Official model constructors (LT `*/models/model.py: DiT_Llama_*_patch2`) -> trunk sizes.
 OFFICIAL_MODELS = {
@@ -25,7 +26,12 @@ OFFICIAL_MODELS = {
     "DiT_Llama_3B_patch2": dict(dim=3072, n_layers=32, n_heads=32, patch_size=2),
     "DiT_Llama_7B_patch2": dict(dim=4096, n_layers=32, n_heads=32, patch_size=2),
     "DiT_Llama_5B_patch2": dict(dim=3072, n_layers=32, n_heads=32, patch_size=2),
+    "DiT_Llama_2B_patch2": dict(dim=2304, n_layers=24, n_heads=32, patch_size=2),  # Next-DiT ImageNet
+    # Lumina-Next T2I (LT lumina_next_t2i/models/model.py).
+    "NextDiT_2B_patch2": dict(dim=2304, n_layers=24, n_heads=32, patch_size=2),
+    "NextDiT_2B_GQA_patch2": dict(dim=2304, n_layers=24, n_heads=32, n_kv_heads=8, patch_size=2),
 }
+ARCHS = ("auto", "flagdit", "nextdit")
 _CONSTRUCTOR_KEYS = (
     "dim", "n_layers", "n_heads", "n_kv_heads", "patch_size", "in_channels", "multiple_of", "ffn_dim_multiplier",
     "norm_eps", "qk_norm", "learn_sigma", "num_classes", "class_dropout_prob", "cap_feat_dim",
@@ -40,17 +46,39 @@ def _as_dict(args: Any) -> dict:
     return dict(vars(args)) if not isinstance(args, Mapping) else dict(args)
 
 
-def config_from_official(args: Any, state_dict: Mapping[str, np.ndarray] | None = None, **overrides) -> FlagDiTConfig:
-    """Official constructor arguments -> `FlagDiTConfig`.
+def detect_arch(args: Any, state_dict: Mapping[str, np.ndarray] | None) -> str:
+    """'nextdit' or 'flagdit' from the checkpoint (adaLN width 4d vs 6d) or the model name."""
+    a, sd = _as_dict(args), state_dict or {}
+    if "layers.0.adaLN_modulation.1.weight" in sd:
+        width, dim = sd["layers.0.adaLN_modulation.1.weight"].shape[0], sd["x_embedder.weight"].shape[0]
+        if width not in (4 * dim, 6 * dim):
+            raise ValueError(f"layers.0.adaLN_modulation.1.weight has {width} rows; expected 4*dim (Next-DiT) or "
+                             f"6*dim (Flag-DiT) with dim={dim}")
+        return "nextdit" if width == 4 * dim else "flagdit"
+    if str(a.get("model", "")).startswith("NextDiT"):
+        return "nextdit"
+    if "model" in a or "dim" in a:
+        raise ValueError("cannot tell Flag-DiT from Next-DiT without the state dict (the ImageNet files share "
+                         "model names); pass arch='flagdit' or 'nextdit' (--arch)")
+    raise ValueError(f"official arguments name neither `model` nor `dim`: keys {sorted(a)}")
+
+
+def config_from_official(args: Any, state_dict: Mapping[str, np.ndarray] | None = None, *, arch: str = "auto",
+                         **overrides) -> FlagDiTConfig:
+    """Official constructor arguments -> `FlagDiTConfig` or `NextDiTConfig`.
 
     Args:
-      args: a dict of `DiT_Llama` constructor arguments (`dim`, `n_layers`, ...), or the training
-        `argparse.Namespace` from `model_args.pth` (uses `model`, e.g. 'DiT_Llama_5B_patch2', and
-        `qk_norm`, `num_classes`).
+      args: a dict of `DiT_Llama` / `NextDiT` constructor arguments (`dim`, `n_layers`, ...), or the
+        training `argparse.Namespace` from `model_args.pth` (uses `model`, e.g. 'DiT_Llama_5B_patch2'
+        or 'NextDiT_2B_GQA_patch2', and `qk_norm`, `num_classes`).
       state_dict: when given, fills what the arguments leave implicit (cap_feat_dim from the
-        text-encoder width, n_kv_heads from wk's shape, num_classes from the label table).
-      overrides: any `FlagDiTConfig` field (e.g. dtype).
+        text-encoder width, n_kv_heads from wk's shape, num_classes from the label table, Flag-DiT
+        vs Next-DiT from the adaLN width, Next-DiT's norm and final-layer variants).
+      arch: 'auto' (from the state dict or model name), 'flagdit' or 'nextdit'.
+      overrides: any config field (e.g. dtype).
     """
+    if arch not in ARCHS:
+        raise ValueError(f"arch={arch!r}; expected one of {ARCHS}")
     a = _as_dict(args)
     kw: dict[str, Any] = {}
     if "model" in a:
@@ -61,6 +89,7 @@ def config_from_official(args: Any, state_dict: Mapping[str, np.ndarray] | None 
     if "dim" not in kw:
         raise ValueError(f"official arguments name neither `model` nor `dim`: keys {sorted(a)}")
     sd = state_dict or {}
+    arch = detect_arch(a, sd) if arch == "auto" else arch
     if "cap_feat_dim" not in kw and "layers.0.attention.wk_y.weight" in sd:
         kw["cap_feat_dim"] = int(sd["layers.0.attention.wk_y.weight"].shape[1])
     if "layers.0.attention.wk.weight" in sd and kw.get("n_kv_heads") is None:
@@ -69,14 +98,19 @@ def config_from_official(args: Any, state_dict: Mapping[str, np.ndarray] | None 
     text = kw.get("cap_feat_dim", 0) > 0
     if text:
         kw["num_classes"] = 0
-        kw["nextline"] = True  # the T2I model appends eol_token after every row
+        kw["nextline"] = arch == "flagdit"  # Flag-DiT T2I appends eol_token after every row; Next-DiT does not
     else:
         if "y_embedder.embedding_table.weight" in sd and "num_classes" not in a:
             rows = int(sd["y_embedder.embedding_table.weight"].shape[0])
             kw["num_classes"] = rows - int(kw.get("class_dropout_prob", 0.1) > 0)
         kw.setdefault("num_classes", 1000)
+    if arch == "nextdit":
+        # T2I: learnable pre-norms + scale-only final adaLN; ImageNet: parameter-free pre-norms + shift.
+        kw["pre_norm_affine"] = "layers.0.attention_norm1.weight" in sd if sd else text
+        final = sd.get("final_layer.adaLN_modulation.1.weight")
+        kw["final_shift"] = final.shape[0] == 2 * kw["dim"] if final is not None else not text
     kw.update(overrides)
-    return FlagDiTConfig(**kw)
+    return (NextDiTConfig if arch == "nextdit" else FlagDiTConfig)(**kw)
 
 
 def _t(w):  # torch Linear weight [out, in] -> kernel [in, out]
@@ -112,7 +146,7 @@ def _rules(cfg: FlagDiTConfig):
         (r"layers\.(\d+)\.attention\.(q_norm|k_norm|ky_norm)\.bias", r"layers_\1/attention/\2/bias", same),
         (r"layers\.(\d+)\.attention\.gate", r"layers_\1/attention/gate", same),
         (r"layers\.(\d+)\.feed_forward\.(w1|w2|w3)\.weight", r"layers_\1/feed_forward/\2/kernel", _t),
-        (r"layers\.(\d+)\.(attention_norm|ffn_norm|attention_y_norm)\.weight", r"layers_\1/\2/scale", same),
+        *_norm_rules(cfg),
         (r"layers\.(\d+)\.adaLN_modulation\.1\.weight", r"layers_\1/adaLN_modulation/linear/kernel", _t),
         (r"layers\.(\d+)\.adaLN_modulation\.1\.bias", r"layers_\1/adaLN_modulation/linear/bias", same),
         (r"final_layer\.linear\.weight", "final_layer/linear/kernel", _t),
@@ -121,6 +155,19 @@ def _rules(cfg: FlagDiTConfig):
         (r"final_layer\.adaLN_modulation\.1\.bias", "final_layer/adaLN_modulation/linear/bias", same),
         (r"(eol_token|pad_token)", r"\1", same),
     ]
+
+
+def _norm_rules(cfg: FlagDiTConfig):
+    """Block RMSNorm weights. Next-DiT: ours are `*_norm1` (pre) and `*_norm2` (post); the ImageNet
+    file names its post-norms `attention_norm` / `ffn_norm` (its pre-norms have no weights)."""
+    same = np.asarray
+    rules = [(r"layers\.(\d+)\.(attention_y_norm)\.weight", r"layers_\1/\2/scale", same)]
+    if not isinstance(cfg, NextDiTConfig):
+        return rules + [(r"layers\.(\d+)\.(attention_norm|ffn_norm)\.weight", r"layers_\1/\2/scale", same)]
+    rules.append((r"layers\.(\d+)\.(attention_norm|ffn_norm)([12])\.weight", r"layers_\1/\2\3/scale", same))
+    if not cfg.pre_norm_affine:
+        rules.append((r"layers\.(\d+)\.(attention_norm|ffn_norm)\.weight", r"layers_\1/\g<2>2/scale", same))
+    return rules
 
 
 def _first(items, n=5) -> str:

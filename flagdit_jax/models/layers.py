@@ -138,12 +138,12 @@ def modulate(x: jax.Array, shift: jax.Array | None, scale: jax.Array) -> jax.Arr
 # ----------------------------------------------------------------------------------------------
 
 
-def rope_frequencies(head_dim: int, n_axes: int = 1, theta: float | jax.Array = 10000.0) -> jax.Array:
-    """Angular frequency `[head_dim // 2]` of each channel pair of a head.
+def rope_exponents(head_dim: int, n_axes: int = 1) -> jax.Array:
+    """`[head_dim // 2]` exponents e_j with frequency theta^(-e_j) for channel pair j.
 
-    Pair j (channels 2j, 2j+1) follows position axis `j % n_axes` with frequency
-    `theta ** (-2 * n_axes * (j // n_axes) / head_dim)`. n_axes=1 is the LLaMA 1-D table of
-    Flag-DiT (LT `precompute_freqs_cis`); n_axes=2 is Next-DiT's interleaved (row, col) layout,
+    Pair j (channels 2j, 2j+1) follows position axis `j % n_axes` with e_j =
+    2 * n_axes * (j // n_axes) / head_dim. n_axes=1 is the LLaMA 1-D table of Flag-DiT
+    (LT `precompute_freqs_cis`); n_axes=2 is Next-DiT's interleaved (row, col) layout,
     10000^(-4k/hd) for both axes (REFERENCE.md §5); n_axes=3 adds the frame axis.
     """
     if head_dim % 2 or (head_dim // 2) % n_axes:
@@ -151,8 +151,12 @@ def rope_frequencies(head_dim: int, n_axes: int = 1, theta: float | jax.Array = 
             f"head_dim={head_dim} must be even with head_dim/2 divisible by n_axes={n_axes} for RoPE"
         )
     j = jnp.arange(head_dim // 2)
-    exponent = (2 * n_axes * (j // n_axes)).astype(jnp.float32) / head_dim
-    return 1.0 / (jnp.asarray(theta, jnp.float32) ** exponent)
+    return (2 * n_axes * (j // n_axes)).astype(jnp.float32) / head_dim
+
+
+def rope_frequencies(head_dim: int, n_axes: int = 1, theta: float | jax.Array = 10000.0) -> jax.Array:
+    """Angular frequency `[head_dim // 2]` of each channel pair (see `rope_exponents`)."""
+    return 1.0 / (jnp.asarray(theta, jnp.float32) ** rope_exponents(head_dim, n_axes))
 
 
 def rope_angles(
@@ -168,17 +172,20 @@ def rope_angles(
     Args:
       positions: `[B, L]` (1-D) or `[B, L, n_axes]` token positions.
       theta: RoPE base.
-      ntk_factor: NTK-aware scaling, theta' = theta * ntk_factor (the Lumina-T2I code's form,
-        REFERENCE.md §4; may be a traced scalar).
-      pi_factor: position interpolation, positions / pi_factor.
+      ntk_factor: NTK-aware scaling, theta' = theta * ntk_factor (the Lumina code's form,
+        REFERENCE.md §4). A scalar or `[B]` (one factor per sample, e.g. Lumina-Next's time-aware
+        switch); may be traced.
+      pi_factor: position interpolation, positions / pi_factor; a scalar or `[B]`.
     """
     if positions.ndim == 2:
         positions = positions[..., None]
     if positions.ndim != 3:
         raise ValueError(f"positions must be [B, L] or [B, L, n_axes], got shape {positions.shape}")
     n_axes = positions.shape[-1]
-    freqs = rope_frequencies(head_dim, n_axes, jnp.asarray(theta, jnp.float32) * jnp.asarray(ntk_factor, jnp.float32))
-    pos = positions.astype(jnp.float32) / jnp.asarray(pi_factor, jnp.float32)
+    ntk = jnp.asarray(ntk_factor, jnp.float32).reshape(-1, 1, 1)  # [1 or B, 1, 1]
+    pi = jnp.asarray(pi_factor, jnp.float32).reshape(-1, 1, 1)
+    freqs = 1.0 / ((jnp.asarray(theta, jnp.float32) * ntk) ** rope_exponents(head_dim, n_axes))  # [1|B, 1, hd/2]
+    pos = positions.astype(jnp.float32) / pi
     axis_of_pair = jnp.arange(head_dim // 2) % n_axes
     return jnp.take(pos, axis_of_pair, axis=-1) * freqs  # [B, L, hd/2]
 

@@ -16,9 +16,14 @@ import jax.numpy as jnp
 from flagdit_jax import tokens as tok
 from flagdit_jax.models.dit import DiT, DiTConfig
 from flagdit_jax.models.flag_dit import FlagDiT, FlagDiTConfig
+from flagdit_jax.models.next_dit import NextDiT, NextDiTConfig
 
 _IMAGENET = dict(num_classes=1000, class_dropout_prob=0.1, qk_norm=True)
 _T2I = dict(num_classes=0, nextline=True, qk_norm=True)
+# Next-DiT ImageNet: parameter-free pre-norms, final adaLN with shift (LT Next-DiT-ImageNet/models/models.py).
+_NEXT_IMAGENET = dict(_IMAGENET, pre_norm_affine=False, final_shift=True)
+# Lumina-Next T2I: learnable pre-norms, scale-only final adaLN, Gemma-2B features (y_dim 2048), [PAD].
+_NEXT_T2I = dict(num_classes=0, qk_norm=True, pre_norm_affine=True, final_shift=False, cap_feat_dim=2048)
 
 PRESETS: dict[str, FlagDiTConfig | DiTConfig] = {
     # Flag-DiT ImageNet (LT Flag-DiT-ImageNet/models/model.py: DiT_Llama_*_patch2).
@@ -27,6 +32,15 @@ PRESETS: dict[str, FlagDiTConfig | DiTConfig] = {
     "flagdit-7b": FlagDiTConfig(dim=4096, n_layers=32, n_heads=32, **_IMAGENET),
     # Lumina-T2I "5B": the 3B trunk with cross-attention to LLaMA-2-7B features (y_dim 4096).
     "lumina-t2i-5b": FlagDiTConfig(dim=3072, n_layers=32, n_heads=32, cap_feat_dim=4096, **_T2I),
+    # Next-DiT ImageNet (LT Next-DiT-ImageNet/models/models.py: DiT_Llama_*_patch2).
+    "nextdit-600m": NextDiTConfig(dim=1536, n_layers=16, n_heads=32, **_NEXT_IMAGENET),
+    "nextdit-2b": NextDiTConfig(dim=2304, n_layers=24, n_heads=32, **_NEXT_IMAGENET),
+    "nextdit-3b": NextDiTConfig(dim=3072, n_layers=32, n_heads=32, **_NEXT_IMAGENET),
+    "nextdit-7b": NextDiTConfig(dim=4096, n_layers=32, n_heads=32, **_NEXT_IMAGENET),
+    # Lumina-Next-T2I 2B (LT lumina_next_t2i/models/model.py: NextDiT_2B_GQA_patch2; the released SFT
+    # checkpoint uses 8 kv heads) and its full-MHA sibling NextDiT_2B_patch2.
+    "lumina-next-2b": NextDiTConfig(dim=2304, n_layers=24, n_heads=32, n_kv_heads=8, **_NEXT_T2I),
+    "lumina-next-2b-mha": NextDiTConfig(dim=2304, n_layers=24, n_heads=32, **_NEXT_T2I),
     # DiT baseline for the ablations.
     "dit-xl-2": DiTConfig(dim=1152, n_layers=28, n_heads=16, patch_size=2, input_size=32),
     # Benchmark size (issue: bench-small, width 384, 12 layers, 6 heads).
@@ -34,6 +48,8 @@ PRESETS: dict[str, FlagDiTConfig | DiTConfig] = {
     # Tiny sizes for tests and the embedded default.
     "flagdit-tiny": FlagDiTConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, **_IMAGENET),
     "lumina-t2i-tiny": FlagDiTConfig(dim=64, n_layers=2, n_heads=4, cap_feat_dim=32, **_T2I),
+    "nextdit-tiny": NextDiTConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, **_NEXT_IMAGENET),
+    "lumina-next-tiny": NextDiTConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, **dict(_NEXT_T2I, cap_feat_dim=32)),
     "dit-tiny": DiTConfig(dim=64, n_layers=2, n_heads=4, patch_size=2, input_size=16),
 }
 
@@ -44,6 +60,12 @@ REFERENCE_PARAMS = {
     "flagdit-7b": 7.29e9,
     "lumina-t2i-5b": 5.05e9,
     "dit-xl-2": 675e6,
+    "nextdit-600m": 0.56e9,
+    "nextdit-2b": 1.76e9,
+    "nextdit-3b": 4.04e9,
+    "nextdit-7b": 7.03e9,
+    "lumina-next-2b": 1.63e9,
+    "lumina-next-2b-mha": 1.99e9,
 }
 
 
@@ -58,6 +80,8 @@ def build(name_or_config: str | FlagDiTConfig | DiTConfig, **overrides) -> nn.Mo
     """The Flax module for a preset name or a config."""
     cfg = get_config(name_or_config, **overrides) if isinstance(name_or_config, str) else (
         dataclasses.replace(name_or_config, **overrides) if overrides else name_or_config)
+    if isinstance(cfg, NextDiTConfig):  # before FlagDiTConfig: NextDiTConfig extends it
+        return NextDiT(cfg)
     if isinstance(cfg, FlagDiTConfig):
         return FlagDiT(cfg)
     if isinstance(cfg, DiTConfig):

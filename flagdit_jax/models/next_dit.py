@@ -1,0 +1,158 @@
+"""Next-DiT (Lumina-Next): the class-conditional ImageNet model and the T2I model.
+
+Differences from Flag-DiT (REFERENCE.md §5; LT `Next-DiT-ImageNet/models/models.py`,
+LT `lumina_next_t2i/models/model.py`): 2-D RoPE over (row, col) with the interleaved frequency
+layout (3-D with the frame axis for video), no [nextline], sandwich normalisation (RMSNorm before
+and after each sub-layer), scale-only modulation with tanh gates, GQA. Attention (QK LayerNorm,
+cross-attention with the shared query, per-head tanh gate) is Flag-DiT's module unchanged.
+
+Parameter names are ours and the same for both variants: `attention_norm1` / `ffn_norm1` (pre),
+`attention_norm2` / `ffn_norm2` (post). The official ImageNet file calls its post-norms
+`attention_norm` / `ffn_norm` and its pre-norms have no parameters; the converter renames.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from flagdit_jax import tokens as tok
+from flagdit_jax.models import layers as L
+from flagdit_jax.models.flag_dit import (Attention, FinalLayer, FlagDiTConfig, check_inputs, drop_sigma_channels,
+                                         embed_tokens, has_pads)
+
+
+@dataclasses.dataclass(frozen=True)
+class NextDiTConfig(FlagDiTConfig):
+    """Flag-DiT's fields plus the Next-DiT switches.
+
+    pre_norm_affine: learnable pre-norms (T2I) or parameter-free ones (ImageNet Next-DiT).
+    final_shift: the final adaLN has shift and scale (ImageNet) or scale only (T2I).
+    rope_axes: 2 = (row, col) as the released code; 3 = (frame, row, col) for video / multi-view.
+    """
+
+    pre_norm_affine: bool = True
+    final_shift: bool = False
+    rope_axes: int = 2
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.rope_axes not in (2, 3):
+            raise ValueError(f"rope_axes={self.rope_axes}; expected 2 (row, col) or 3 (frame, row, col)")
+        if self.head_dim % (2 * self.rope_axes):
+            raise ValueError(f"head_dim={self.head_dim} must be divisible by 2*rope_axes={2 * self.rope_axes} "
+                             "for the interleaved multi-axis RoPE")
+
+    @property
+    def pads_embedded(self) -> bool:
+        """T2I Next-DiT has a learnable [PAD]; the ImageNet file has none."""
+        return self.text_conditional
+
+
+def time_aware_rope(t: jax.Array, scale_factor: float, watershed: float) -> tuple[jax.Array, jax.Array]:
+    """Lumina-Next's code switch (LT `lumina_next_t2i/models/model.py: precompute_freqs_cis`).
+
+    For each sample: t < watershed -> position interpolation by `scale_factor`; otherwise NTK
+    theta * scale_factor. The reference decides once per call from t[0]; with one t per batch
+    (every sampler step) this per-sample form is the same. Returns `(ntk [B], pi [B])`.
+    """
+    early = t < watershed
+    s = jnp.asarray(scale_factor, jnp.float32)
+    return jnp.where(early, 1.0, s), jnp.where(early, s, 1.0)
+
+
+class NextDiTBlock(nn.Module):
+    """Sandwich-norm block with scale-only modulation and tanh gates (REFERENCE.md §5):
+    x += tanh(g_msa) * RMSNorm2(Attn(RMSNorm1(x) * (1 + s_msa))); same for the FFN."""
+
+    cfg: NextDiTConfig
+
+    @nn.compact
+    def __call__(self, x, c, angles, mask, y=None, y_mask=None, *, scale=None):
+        cfg = self.cfg
+        kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
+        scale_msa, gate_msa, scale_mlp, gate_mlp = L.AdaLNModulation(cfg.dim, 4, name="adaLN_modulation", **kw)(c)
+        pre = dict(eps=cfg.norm_eps, use_scale=cfg.pre_norm_affine, **kw)
+        if y is not None:
+            y = L.RMSNorm(cfg.norm_eps, name="attention_y_norm", **kw)(y)
+        a = Attention(cfg, name="attention")(
+            L.modulate(L.RMSNorm(name="attention_norm1", **pre)(x), None, scale_msa), angles, mask, y, y_mask,
+            scale=scale)
+        x = x + jnp.tanh(gate_msa)[:, None] * L.RMSNorm(cfg.norm_eps, name="attention_norm2", **kw)(a)
+        f = L.SwiGLU(cfg.ffn_hidden, name="feed_forward", **kw)(
+            L.modulate(L.RMSNorm(name="ffn_norm1", **pre)(x), None, scale_mlp))
+        x = x + jnp.tanh(gate_mlp)[:, None] * L.RMSNorm(cfg.norm_eps, name="ffn_norm2", **kw)(f)
+        return L.constrain(x, ("activation_batch", "activation_length", "activation_embed"))
+
+
+class NextDiT(nn.Module):
+    """Next-DiT over a packed token sequence.
+
+    `__call__(packed, t, y=None, cap_feats=None, cap_mask=None, *, ntk_factor, pi_factor,
+    scale_factor, scale_watershed, base_seqlen, train, force_drop)` returns the velocity sequence
+    `[B, L, p*p*C]`; unpack it with `tokens.unpack`.
+
+    Args:
+      packed: `tokens.Packed` (no [nextline] unless the config asks for it).
+      t: `[B]` times in [0, 1] (t=0 noise, t=1 data).
+      y: `[B]` int class labels (ImageNet variant; id num_classes = null class).
+      cap_feats, cap_mask: `[B, S, cap_feat_dim]` caption features and `[B, S]` mask (T2I).
+      ntk_factor, pi_factor: fixed RoPE scaling (theta * ntk, positions / pi), scalars or `[B]`;
+        the ImageNet `forward_with_cfg(rope_scaling_factor=pi, ntk_factor=ntk)` options.
+      scale_factor, scale_watershed: Lumina-Next's time-aware switch (`time_aware_rope`); when
+        `scale_watershed` is None, `scale_factor` is unused.
+      base_seqlen: proportional attention with this base length for self-attention.
+      train: enables label dropout (rng 'dropout').
+    """
+
+    cfg: NextDiTConfig
+
+    @nn.compact
+    def __call__(self, packed, t, y=None, cap_feats=None, cap_mask=None, *, ntk_factor=1.0, pi_factor=1.0,
+                 scale_factor=1.0, scale_watershed=None, base_seqlen=None, train=False, force_drop=None):
+        cfg = self.cfg
+        check_inputs(cfg, packed, t, y, cap_feats, cap_mask)
+        dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        special = {tok.PAD: "pad_token"} if cfg.pads_embedded else {}
+        if cfg.nextline:
+            special[tok.NEXTLINE] = "eol_token"
+        if cfg.nextframe:
+            special[tok.NEXTFRAME] = "eof_token"
+        x = embed_tokens(self, packed, cfg.dim, special, dtype, pdtype)
+
+        c = L.TimestepEmbedder(cfg.cond_dim, name="t_embedder", dtype=dtype, param_dtype=pdtype)(t)
+        self.sow("intermediates", "out:t_embedder", c)
+        if cfg.text_conditional:
+            cond = L.CaptionEmbedder(cfg.cond_dim, name="cap_embedder", dtype=dtype, param_dtype=pdtype)(
+                cap_feats, cap_mask)
+            self.sow("intermediates", "out:cap_embedder", cond)
+            cap_feats = cap_feats.astype(dtype)
+        else:
+            cond = L.LabelEmbedder(cfg.num_classes, cfg.cond_dim, cfg.class_dropout_prob, name="y_embedder",
+                                   param_dtype=pdtype)(y, train=train, force_drop=force_drop)
+            self.sow("intermediates", "out:y_embedder", cond)
+        c = c + cond.astype(c.dtype)
+
+        if scale_watershed is not None:
+            ntk_t, pi_t = time_aware_rope(t, scale_factor, scale_watershed)
+            ntk_factor, pi_factor = ntk_t * jnp.asarray(ntk_factor), pi_t * jnp.asarray(pi_factor)
+        # (row, col) positions of each token (pads repeat the last real one: masked anyway).
+        positions = packed.positions[..., 3 - cfg.rope_axes:]
+        angles = L.rope_angles(positions, cfg.head_dim, theta=cfg.rope_theta, ntk_factor=ntk_factor,
+                               pi_factor=pi_factor)
+        seq_len = packed.tokens.shape[1]
+        scale = None if base_seqlen is None else L.proportional_scale(seq_len, base_seqlen, cfg.head_dim)
+        mask = packed.mask if has_pads(packed) else None
+        block = L.remat_block(NextDiTBlock, cfg.remat)
+        x = L.constrain(x, ("activation_batch", "activation_length", "activation_embed"))
+        for i in range(cfg.n_layers):
+            x = block(cfg, name=f"layers_{i}")(x, c, angles, mask, cap_feats, cap_mask, scale=scale)
+            self.sow("intermediates", f"out:layers_{i}", x)
+        out = FinalLayer(cfg.dim, cfg.patch_size**2 * cfg.out_channels, use_shift=cfg.final_shift,
+                         name="final_layer", dtype=dtype, param_dtype=pdtype)(x, c)
+        self.sow("intermediates", "out:final_layer", out)
+        out = out.astype(jnp.float32)
+        return drop_sigma_channels(out, cfg.patch_size, cfg.in_channels) if cfg.learn_sigma else out
