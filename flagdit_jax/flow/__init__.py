@@ -13,10 +13,12 @@ from flagdit_jax.flow.samplers import (
     sample_sde,
 )
 from flagdit_jax.flow.timesteps import (
+    diffusers_grid,
     get_time_sampler,
     sample_logit_normal,
     sample_uniform,
     shift_time,
+    sigmoid_grid,
     time_grid,
 )
 
@@ -24,6 +26,7 @@ __all__ = [
     "GVPPath",
     "LinearPath",
     "cfg_combine",
+    "diffusers_grid",
     "flow_matching_loss",
     "get_path",
     "get_time_sampler",
@@ -33,6 +36,7 @@ __all__ = [
     "sample_logit_normal",
     "sample_ode",
     "sample_sde",
+    "sigmoid_grid",
     "sample_uniform",
     "shift_time",
     "time_grid",

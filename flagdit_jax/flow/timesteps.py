@@ -31,6 +31,8 @@ __all__ = [
     "sample_shifted",
     "shift_time",
     "time_grid",
+    "diffusers_grid",
+    "sigmoid_grid",
     "get_time_sampler",
     "TIME_SAMPLERS",
 ]
@@ -115,6 +117,48 @@ def time_grid(num_steps: int, shift: float = 1.0, t0: float = 0.0, t1: float = 1
     if isinstance(shift, numbers.Real) and shift == 1.0:
         return grid
     return shift_time(grid, shift).astype(dtype)
+
+
+def diffusers_grid(num_steps: int, shift: float = 1.0, num_train_timesteps: int = 1000, dtype=None) -> jax.Array:
+    """The grid of diffusers' `FlowMatchEulerDiscreteScheduler(shift).set_timesteps(num_steps)` as times.
+
+    Its sigmas are g(linspace(1, g(1/T), n)) followed by 0, g(s) = shift*s / (1 + (shift-1)*s),
+    T = num_train_timesteps: the scheduler's smallest training sigma is already shifted and
+    `set_timesteps` shifts again. Under t = 1 - sigma that is n shifted points ending short of 1,
+    then t = 1, so the last step is longer than in Lumina's `time_grid(n, shift)`.
+    Returns `[num_steps + 1]` increasing times.
+    """
+    if isinstance(num_steps, bool) or not isinstance(num_steps, numbers.Integral) or num_steps < 1:
+        raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
+    _check_positive("shift", shift)
+    dtype = jnp.result_type(float) if dtype is None else dtype
+    g = lambda sig: shift * sig / (1.0 + (shift - 1.0) * sig)
+    sigma = g(np.linspace(1.0, g(1.0 / num_train_timesteps), int(num_steps)))
+    return jnp.asarray(np.append(1.0 - sigma, 1.0), dtype)
+
+
+def sigmoid_grid(num_steps: int, mu: float = 0.6, alpha: float = 6.0, shift: float = 1.0, dtype=None) -> jax.Array:
+    """Lumina-Next's sigmoid time discretisation, as we read the paper [UNVERIFIED, REFERENCE.md §4].
+
+    No released code has it. The paper finds Euler's local error largest near t=0 and second near
+    t=1 and puts finer steps at both ends; we take the uniform grid u_i = i/n through a normalised
+    logistic, t = (S(u) - S(0)) / (S(1) - S(0)), S(u) = 1 / (1 + exp(-alpha (u - mu))): steps are
+    smallest at the ends and largest at u = mu (mu > 0.5 keeps the noise end finer than the data end).
+    The paper's third parameter (beta = 20 in REFERENCE.md) has no role we could pin down and is
+    not used. `shift` optionally bends the result like `time_grid`. Returns `[num_steps + 1]`.
+    """
+    if isinstance(num_steps, bool) or not isinstance(num_steps, numbers.Integral) or num_steps < 1:
+        raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
+    _check_positive("alpha", alpha)
+    if not 0.0 < mu < 1.0:
+        raise ValueError(f"mu must be in (0, 1), got {mu!r}")
+    dtype = jnp.result_type(float) if dtype is None else dtype
+    u = np.linspace(0.0, 1.0, int(num_steps) + 1)
+    sig = lambda z: 1.0 / (1.0 + np.exp(-alpha * (z - mu)))
+    t = (sig(u) - sig(0.0)) / (sig(1.0) - sig(0.0))
+    t[0], t[-1] = 0.0, 1.0
+    grid = jnp.asarray(t, dtype)
+    return grid if shift == 1.0 else shift_time(grid, shift).astype(dtype)
 
 
 TIME_SAMPLERS = ("uniform", "uniform_<t0>_<t1>", "lognorm", "shift_<s>")
