@@ -19,8 +19,10 @@ import orbax.checkpoint as ocp
 from flagdit_jax.models import registry
 from flagdit_jax.models.dit import DiTConfig
 from flagdit_jax.models.flag_dit import FlagDiTConfig
+from flagdit_jax.models.next_dit import NextDiTConfig
 
-_KINDS = {"flagdit": FlagDiTConfig, "dit": DiTConfig}
+# Subclasses before their base: config_to_dict takes the first isinstance match.
+_KINDS = {"nextdit": NextDiTConfig, "flagdit": FlagDiTConfig, "dit": DiTConfig}
 
 
 def config_to_dict(cfg) -> dict:

@@ -4,6 +4,7 @@
     flagdit sample --workdir runs/default [--config.sample.cfg_scale=3]
     flagdit eval --workdir runs/default
     flagdit convert --checkpoint consolidated.00-of-01.pth --model-args model_args.pth --output ckpt/
+    flagdit convert --diffusers Lumina-Next-SFT-diffusers/transformer --output ckpt/
     flagdit presets                             # the preset table with parameter counts
 """
 
@@ -24,16 +25,27 @@ def _convert(args) -> int:
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise SystemExit(f"error: --output {out} exists and is not empty (pass --overwrite to replace it)")
     sources = [args.model_args is not None, args.config_json is not None, args.preset is not None]
-    if sum(sources) != 1:
-        raise SystemExit("error: give exactly one of --model-args, --config-json, --preset")
-    state_dict = official.load_state_dict(args.checkpoint)
-    if args.preset:
-        cfg = registry.get_config(args.preset)
+    if (args.checkpoint is None) == (args.diffusers is None):
+        raise SystemExit("error: give exactly one of --checkpoint (official) and --diffusers (diffusers folder)")
+    if args.diffusers is not None:
+        if any(sources):
+            raise SystemExit("error: --diffusers reads its config.json; drop --model-args / --config-json / --preset")
+        from flagdit_jax.convert import diffusers
+
+        state_dict, config = diffusers.read_diffusers_folder(args.diffusers)
+        cfg = diffusers.config_from_diffusers(config)
+        params = diffusers.params_from_diffusers(state_dict, cfg)
     else:
-        model_args = (official.load_torch_file(args.model_args) if args.model_args
-                      else json.loads(pathlib.Path(args.config_json).read_text()))
-        cfg = official.config_from_official(model_args, state_dict)
-    params = official.params_from_state_dict(state_dict, cfg)
+        if sum(sources) != 1:
+            raise SystemExit("error: give exactly one of --model-args, --config-json, --preset")
+        state_dict = official.load_state_dict(args.checkpoint)
+        if args.preset:
+            cfg = registry.get_config(args.preset)
+        else:
+            model_args = (official.load_torch_file(args.model_args) if args.model_args
+                          else json.loads(pathlib.Path(args.config_json).read_text()))
+            cfg = official.config_from_official(model_args, state_dict)
+        params = official.params_from_state_dict(state_dict, cfg)
     checkpoint.save_params(out, params, cfg, overwrite=args.overwrite)
     n = sum(v.size for v in __import__("jax").tree.leaves(params))
     print(f"converted {len(state_dict)} tensors ({n:,} parameters) -> {out.absolute()}")
@@ -108,8 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("train", "sample", "eval"):  # parsed with ml-collections config flags (see above)
         sub.add_parser(name, help=f"{name} (--config FILE --workdir DIR --config.key=value)", add_help=False)
 
-    c = sub.add_parser("convert", help="official Lumina-T2X checkpoint (.pth / .safetensors) -> Orbax checkpoint")
-    c.add_argument("--checkpoint", required=True, help="state dict: .pth/.pt (needs torch) or .safetensors")
+    c = sub.add_parser("convert", help="official Lumina-T2X checkpoint (.pth / .safetensors) or diffusers "
+                                       "LuminaNextDiT2DModel folder -> Orbax checkpoint")
+    c.add_argument("--checkpoint", help="official state dict: .pth/.pt (needs torch) or .safetensors")
+    c.add_argument("--diffusers", help="diffusers LuminaNextDiT2DModel folder (config.json + "
+                                       "diffusion_pytorch_model.safetensors), or a pipeline folder with transformer/")
     c.add_argument("--model-args", help="the official model_args.pth saved beside the checkpoint")
     c.add_argument("--config-json", help="JSON of DiT_Llama constructor arguments (dim, n_layers, n_heads, ...)")
     c.add_argument("--preset", help="one of our preset names instead of official arguments")

@@ -108,7 +108,9 @@ class Attention(nn.Module):
     cfg: FlagDiTConfig
 
     @nn.compact
-    def __call__(self, x, angles, mask, y=None, y_mask=None, *, scale=None):
+    def __call__(self, x, angles, mask, y=None, y_mask=None, *, scale=None, kv_pool=None):
+        """kv_pool: None, or `(grid, pred)` for context drop: grid = (T, H/p, W/p, r) static, pred a
+        traced bool (pool while True; None = always). See `pool_keys_values`."""
         cfg = self.cfg
         b, l, _ = x.shape
         h, hkv, hd = cfg.n_heads, cfg.kv_heads, cfg.head_dim
@@ -127,7 +129,14 @@ class Attention(nn.Module):
         k = L.apply_rope(heads(xk, hkv), angles)
         v = heads(xv, hkv)
         q = L.constrain(q, ("activation_batch", "activation_heads", "activation_length", "activation_kv"))
-        out = L.dot_product_attention(q, k, v, key_mask=mask, scale=scale, implementation=cfg.attention)
+        full = lambda: L.dot_product_attention(q, k, v, key_mask=mask, scale=scale, implementation=cfg.attention)
+        if kv_pool is None:
+            out = full()
+        else:
+            grid, pred = kv_pool
+            pooled = lambda: L.dot_product_attention(q, pool_keys_values(k, grid), pool_keys_values(v, grid),
+                                                     scale=scale, implementation=cfg.attention)
+            out = pooled() if pred is None else jax.lax.cond(pred, pooled, full)
         if y is not None:
             yk = L.Dense(hkv * hd, ("caption", "kv_heads"), name="wk_y", **kw)(y)
             if cfg.qk_norm:
@@ -140,6 +149,21 @@ class Attention(nn.Module):
             out = out + jnp.tanh(gate.astype(out.dtype))[None, :, None, None] * out_y
         out = out.transpose(0, 2, 1, 3).reshape(b, l, h * hd)
         return L.Dense(cfg.dim, ("heads", "embed"), name="wo", **kw)(out)
+
+
+def pool_keys_values(z: jax.Array, grid: tuple[int, int, int, int]) -> jax.Array:
+    """Context drop (Lumina-Next, REFERENCE.md §4): average-pool keys or values over r x r patches.
+
+    `z [B, H, T*h*w, hd]` laid out frame by frame, row by row (no [nextline] / [PAD]) ->
+    `[B, H, T*(h/r)*(w/r), hd]`. Queries keep every token; keys are pooled after RoPE, so each
+    merged key carries the mean of its r*r rotated keys.
+    """
+    t, h, w, r = grid
+    b, n, l, d = z.shape
+    if l != t * h * w or h % r or w % r:
+        raise ValueError(f"context drop needs a full {t}x{h}x{w} token grid divisible by r={r}, got length {l}")
+    z = z.reshape(b, n, t, h // r, r, w // r, r, d).mean(axis=(4, 6), dtype=jnp.float32).astype(z.dtype)
+    return z.reshape(b, n, -1, d)
 
 
 class FlagDiTBlock(nn.Module):

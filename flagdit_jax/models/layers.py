@@ -166,6 +166,7 @@ def rope_angles(
     theta: float = 10000.0,
     ntk_factor: float | jax.Array = 1.0,
     pi_factor: float | jax.Array = 1.0,
+    freq_factor: jax.Array | None = None,
 ) -> jax.Array:
     """Rotation angles `[B, L, head_dim // 2]` (float32).
 
@@ -176,6 +177,8 @@ def rope_angles(
         REFERENCE.md §4). A scalar or `[B]` (one factor per sample, e.g. Lumina-Next's time-aware
         switch); may be traced.
       pi_factor: position interpolation, positions / pi_factor; a scalar or `[B]`.
+      freq_factor: optional per-pair frequency multiplier `[head_dim // 2]` or `[B, head_dim // 2]`
+        (Lumina-Next's frequency-/time-aware scaling, `scaled_rope_factor`).
     """
     if positions.ndim == 2:
         positions = positions[..., None]
@@ -185,9 +188,35 @@ def rope_angles(
     ntk = jnp.asarray(ntk_factor, jnp.float32).reshape(-1, 1, 1)  # [1 or B, 1, 1]
     pi = jnp.asarray(pi_factor, jnp.float32).reshape(-1, 1, 1)
     freqs = 1.0 / ((jnp.asarray(theta, jnp.float32) * ntk) ** rope_exponents(head_dim, n_axes))  # [1|B, 1, hd/2]
+    if freq_factor is not None:
+        freq_factor = jnp.asarray(freq_factor, jnp.float32)
+        freqs = freqs * freq_factor.reshape((-1, 1, head_dim // 2))
     pos = positions.astype(jnp.float32) / pi
     axis_of_pair = jnp.arange(head_dim // 2) % n_axes
     return jnp.take(pos, axis_of_pair, axis=-1) * freqs  # [B, L, hd/2]
+
+
+def scaled_rope_factor(head_dim: int, n_axes: int, scale: float | jax.Array, d_star: jax.Array) -> jax.Array:
+    """Lumina-Next's frequency- and time-aware scaled RoPE, the paper's continuous form
+    [UNVERIFIED: REFERENCE.md §4 gives it second-hand]; a per-pair frequency multiplier.
+
+    NTK with base b' = b * s^(d/d*) multiplies pair j's frequency b^(-e_j) by s^(-e_j d / d*)
+    (e_j = `rope_exponents`, d = head_dim); dimensions past d* would then be scaled more than
+    position interpolation, so they take PI's 1/s instead ("the larger of this and PI"):
+        factor_j = s ** -min(e_j * d / d*, 1).
+    Frequency-aware: d* = d * log_b(L / 2pi), L the training length of an axis (the dimension whose
+    wavelength is L gets exactly PI). Time-aware: d* = (d - 1) t + 1: PI at t=0 (noise) moving to
+    plain NTK (b * s) at t=1 (data).
+
+    Args:
+      scale: s, the extrapolation ratio (side length / training side length).
+      d_star: a scalar or `[B]`.
+    Returns:
+      `[head_dim // 2]` or `[B, head_dim // 2]` multipliers.
+    """
+    e = rope_exponents(head_dim, n_axes)
+    d_star = jnp.asarray(d_star, jnp.float32)[..., None]
+    return jnp.asarray(scale, jnp.float32) ** -jnp.minimum(e * head_dim / d_star, 1.0)
 
 
 def apply_rope(x: jax.Array, angles: jax.Array) -> jax.Array:

@@ -14,6 +14,7 @@ Parameter names are ours and the same for both variants: `attention_norm1` / `ff
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import flax.linen as nn
 import jax
@@ -52,6 +53,9 @@ class NextDiTConfig(FlagDiTConfig):
         return self.text_conditional
 
 
+ROPE_SCALINGS = ("watershed", "frequency_aware", "time_aware")
+
+
 def time_aware_rope(t: jax.Array, scale_factor: float, watershed: float) -> tuple[jax.Array, jax.Array]:
     """Lumina-Next's code switch (LT `lumina_next_t2i/models/model.py: precompute_freqs_cis`).
 
@@ -71,7 +75,7 @@ class NextDiTBlock(nn.Module):
     cfg: NextDiTConfig
 
     @nn.compact
-    def __call__(self, x, c, angles, mask, y=None, y_mask=None, *, scale=None):
+    def __call__(self, x, c, angles, mask, y=None, y_mask=None, *, scale=None, kv_pool=None):
         cfg = self.cfg
         kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
         scale_msa, gate_msa, scale_mlp, gate_mlp = L.AdaLNModulation(cfg.dim, 4, name="adaLN_modulation", **kw)(c)
@@ -80,7 +84,7 @@ class NextDiTBlock(nn.Module):
             y = L.RMSNorm(cfg.norm_eps, name="attention_y_norm", **kw)(y)
         a = Attention(cfg, name="attention")(
             L.modulate(L.RMSNorm(name="attention_norm1", **pre)(x), None, scale_msa), angles, mask, y, y_mask,
-            scale=scale)
+            scale=scale, kv_pool=kv_pool)
         x = x + jnp.tanh(gate_msa)[:, None] * L.RMSNorm(cfg.norm_eps, name="attention_norm2", **kw)(a)
         f = L.SwiGLU(cfg.ffn_hidden, name="feed_forward", **kw)(
             L.modulate(L.RMSNorm(name="ffn_norm1", **pre)(x), None, scale_mlp))
@@ -102,9 +106,17 @@ class NextDiT(nn.Module):
       cap_feats, cap_mask: `[B, S, cap_feat_dim]` caption features and `[B, S]` mask (T2I).
       ntk_factor, pi_factor: fixed RoPE scaling (theta * ntk, positions / pi), scalars or `[B]`;
         the ImageNet `forward_with_cfg(rope_scaling_factor=pi, ntk_factor=ntk)` options.
-      scale_factor, scale_watershed: Lumina-Next's time-aware switch (`time_aware_rope`); when
-        `scale_watershed` is None, `scale_factor` is unused.
+      scale_factor, scale_watershed: Lumina-Next's time-aware switch as the released code
+        (`time_aware_rope`); when `scale_watershed` is None, `scale_factor` is unused.
+      rope_scaling: 'watershed' (the code's switch above, default), or the paper's continuous
+        'frequency_aware' / 'time_aware' forms (`layers.scaled_rope_factor`) with s = scale_factor.
+      rope_train_len: tokens per side at the training resolution (frequency-aware only).
       base_seqlen: proportional attention with this base length for self-attention.
+      context_drop: r > 1 average-pools self-attention keys/values over r x r patches (Lumina-Next's
+        Context Drop; queries keep all tokens). Needs one latent size per batch, no [PAD].
+      context_drop_until: time-aware context drop: pool only while t < this (t=0 is noise, where
+        the paper drops most); None pools at every t. Decided per call from t[0] (`lax.cond`: only
+        one branch runs), like the time-aware RoPE switch; samplers call with one t per batch.
       train: enables label dropout (rng 'dropout').
     """
 
@@ -112,7 +124,8 @@ class NextDiT(nn.Module):
 
     @nn.compact
     def __call__(self, packed, t, y=None, cap_feats=None, cap_mask=None, *, ntk_factor=1.0, pi_factor=1.0,
-                 scale_factor=1.0, scale_watershed=None, base_seqlen=None, train=False, force_drop=None):
+                 scale_factor=1.0, scale_watershed=None, rope_scaling="watershed", rope_train_len=None,
+                 base_seqlen=None, context_drop=1, context_drop_until=None, train=False, force_drop=None):
         cfg = self.cfg
         check_inputs(cfg, packed, t, y, cap_feats, cap_mask)
         dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
@@ -136,20 +149,41 @@ class NextDiT(nn.Module):
             self.sow("intermediates", "out:y_embedder", cond)
         c = c + cond.astype(c.dtype)
 
-        if scale_watershed is not None:
+        if rope_scaling not in ROPE_SCALINGS:
+            raise ValueError(f"rope_scaling={rope_scaling!r}; expected one of {ROPE_SCALINGS}")
+        freq_factor = None
+        if rope_scaling == "watershed" and scale_watershed is not None:
             ntk_t, pi_t = time_aware_rope(t, scale_factor, scale_watershed)
             ntk_factor, pi_factor = ntk_t * jnp.asarray(ntk_factor), pi_t * jnp.asarray(pi_factor)
+        elif rope_scaling == "frequency_aware":
+            if not rope_train_len or rope_train_len <= 2 * math.pi:
+                raise ValueError(f"rope_scaling='frequency_aware' needs rope_train_len > 2*pi tokens per side, "
+                                 f"got {rope_train_len!r}")
+            d_star = cfg.head_dim * math.log(rope_train_len / (2 * math.pi), cfg.rope_theta)
+            freq_factor = L.scaled_rope_factor(cfg.head_dim, cfg.rope_axes, scale_factor, d_star)
+        elif rope_scaling == "time_aware":
+            d_star = (cfg.head_dim - 1) * t.astype(jnp.float32) + 1.0  # [B]
+            freq_factor = L.scaled_rope_factor(cfg.head_dim, cfg.rope_axes, scale_factor, d_star)
         # (row, col) positions of each token (pads repeat the last real one: masked anyway).
         positions = packed.positions[..., 3 - cfg.rope_axes:]
         angles = L.rope_angles(positions, cfg.head_dim, theta=cfg.rope_theta, ntk_factor=ntk_factor,
-                               pi_factor=pi_factor)
+                               pi_factor=pi_factor, freq_factor=freq_factor)
         seq_len = packed.tokens.shape[1]
         scale = None if base_seqlen is None else L.proportional_scale(seq_len, base_seqlen, cfg.head_dim)
         mask = packed.mask if has_pads(packed) else None
+        kv_pool = None
+        if context_drop != 1:
+            if mask is not None or cfg.nextline or cfg.nextframe or len(set(packed.grid_sizes)) != 1:
+                raise ValueError("context_drop needs one latent size per batch and no [PAD]/[nextline]/[nextframe] "
+                                 f"tokens; got sizes {sorted(set(packed.shapes))}")
+            grid = packed.grid_sizes[0] + (int(context_drop),)
+            if grid[1] % grid[3] or grid[2] % grid[3]:
+                raise ValueError(f"context_drop={context_drop} must divide the token grid {grid[1]}x{grid[2]}")
+            kv_pool = (grid, None if context_drop_until is None else t[0] < context_drop_until)
         block = L.remat_block(NextDiTBlock, cfg.remat)
         x = L.constrain(x, ("activation_batch", "activation_length", "activation_embed"))
         for i in range(cfg.n_layers):
-            x = block(cfg, name=f"layers_{i}")(x, c, angles, mask, cap_feats, cap_mask, scale=scale)
+            x = block(cfg, name=f"layers_{i}")(x, c, angles, mask, cap_feats, cap_mask, scale=scale, kv_pool=kv_pool)
             self.sow("intermediates", f"out:layers_{i}", x)
         out = FinalLayer(cfg.dim, cfg.patch_size**2 * cfg.out_channels, use_shift=cfg.final_shift,
                          name="final_layer", dtype=dtype, param_dtype=pdtype)(x, c)
