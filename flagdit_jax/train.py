@@ -47,7 +47,7 @@ class TrainState:
 
 def model_config(config: ml_collections.ConfigDict):
     """The model config named by `config.model` (a preset plus field overrides)."""
-    fields = {k: v for k, v in dict(config.model).items() if v is not None}  # None: keep the preset's value
+    fields = dict(config.model)
     preset = fields.pop("preset")
     return registry.get_config(preset, **fields)
 

@@ -12,6 +12,8 @@ bf16 compute with fp32 master weights. Latents are pre-encoded ArrayRecord shard
 
 import ml_collections
 
+from flagdit_jax.models import registry
+
 SIZES = ("600m", "3b", "7b")
 
 
@@ -24,11 +26,10 @@ def get_config(arg: str = "600m"):
     c.global_batch = 256
     c.grad_accum_steps = 1
 
+    preset = registry.PRESETS[f"flagdit-{arg}"]
     c.model = ml_collections.ConfigDict(dict(
-        preset=f"flagdit-{arg}", dim=ml_collections.FieldReference(None, field_type=int),
-        n_layers=ml_collections.FieldReference(None, field_type=int),
-        n_heads=ml_collections.FieldReference(None, field_type=int), patch_size=2, in_channels=4,
-        num_classes=1000, class_dropout_prob=0.1, dtype="bfloat16", remat="dots"))
+        preset=f"flagdit-{arg}", dim=preset.dim, n_layers=preset.n_layers, n_heads=preset.n_heads,
+        patch_size=2, in_channels=4, num_classes=1000, class_dropout_prob=0.1, dtype="bfloat16", remat="dots"))
 
     c.data = ml_collections.ConfigDict(dict(
         name="latents", image_size=32, channels=4, worker_count=4,
