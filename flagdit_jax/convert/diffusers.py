@@ -31,16 +31,14 @@ from flagdit_jax.models.next_dit import NextDiTConfig
 
 CLASS_NAME = "LuminaNextDiT2DModel"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
-# `LuminaNextDiT2DModel.__init__` defaults, for config.json files that leave a field out.
+# `LuminaNextDiT2DModel.__init__` defaults, for config.json files that leave a field out. Two do not
+# change the network: sample_size only sets the pipeline's default resolution (hence its
+# base_sequence_length and RoPE scaling factor); scaling_factor is stored and never read.
 DIFFUSERS_DEFAULTS = dict(
     sample_size=128, patch_size=2, in_channels=4, hidden_size=2304, num_layers=32, num_attention_heads=32,
     num_kv_heads=None, multiple_of=256, ffn_dim_multiplier=None, norm_eps=1e-5, learn_sigma=True, qk_norm=True,
     cross_attention_dim=2048, scaling_factor=1.0,
 )
-# Fields that do not change the network: sample_size only sets the pipeline's default resolution
-# (hence its base_sequence_length and RoPE scaling factor); scaling_factor is stored, never read.
-_PIPELINE_ONLY = ("sample_size", "scaling_factor")
-
 # Transform kinds of the table: copy, torch Linear weight <-> kernel, patch embedding.
 _SAME, _LINEAR, _PATCH = "same", "linear", "patch"
 
@@ -206,7 +204,8 @@ def params_from_diffusers(state_dict: Mapping[str, Any], cfg: NextDiTConfig, *, 
                                  f"n_layers={cfg.n_layers}, n_heads={cfg.n_heads}, n_kv_heads={cfg.kv_heads}, "
                                  f"qk_norm={cfg.qk_norm}): " + "; ".join(parts))
     if set(flat) != set(expected):  # the table must cover our tree exactly
-        raise RuntimeError(f"diffusers key table out of date with the model: {_first(sorted(set(flat) ^ set(expected)))}")
+        stale = sorted(set(flat) ^ set(expected))
+        raise RuntimeError(f"diffusers key table out of date with the model: {_first(stale)}")
     return flax.traverse_util.unflatten_dict({tuple(p.split("/")): v for p, v in flat.items()})
 
 
@@ -295,7 +294,8 @@ def read_diffusers_folder(path: str | pathlib.Path) -> tuple[dict[str, np.ndarra
         root = root / "transformer"
     cfg_file, weights, index = root / "config.json", root / WEIGHTS_NAME, root / (WEIGHTS_NAME + ".index.json")
     if not cfg_file.exists():
-        raise FileNotFoundError(f"{cfg_file} not found: expected a diffusers model folder (config.json + {WEIGHTS_NAME})")
+        raise FileNotFoundError(f"{cfg_file} not found: expected a diffusers model folder "
+                                f"(config.json + {WEIGHTS_NAME})")
     config = json.loads(cfg_file.read_text())
     if weights.exists():
         state_dict = _read_safetensors(weights)

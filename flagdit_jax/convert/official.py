@@ -58,8 +58,9 @@ def detect_arch(args: Any, state_dict: Mapping[str, np.ndarray] | None) -> str:
     if str(a.get("model", "")).startswith("NextDiT"):
         return "nextdit"
     if "model" in a or "dim" in a:
-        raise ValueError("cannot tell Flag-DiT from Next-DiT without the state dict (the ImageNet files share "
-                         "model names); pass arch='flagdit' or 'nextdit' (--arch)")
+        # The Next-DiT ImageNet file reuses the DiT_Llama_* names: without weights we assume Flag-DiT
+        # (pass arch='nextdit' for it); with weights the adaLN width above decides.
+        return "flagdit"
     raise ValueError(f"official arguments name neither `model` nor `dim`: keys {sorted(a)}")
 
 
