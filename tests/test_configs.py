@@ -24,15 +24,17 @@ def load_config(rel: str, arg=None):
     return mod.get_config(arg) if arg is not None else mod.get_config()
 
 
-@pytest.mark.parametrize("size", ["600m", "3b", "7b"])
-def test_imagenet_flagdit_config_is_the_reference_recipe(size):
-    c = load_config("configs/imagenet/flagdit.py", size)
+@pytest.mark.parametrize("arch,size", [("flagdit", "600m"), ("flagdit", "3b"), ("flagdit", "7b"), ("nextdit", "600m"),
+                                       ("nextdit", "2b"), ("nextdit", "3b"), ("nextdit", "7b")])
+def test_imagenet_config_is_the_reference_recipe(arch, size):
+    c = load_config(f"configs/imagenet/{arch}.py", size)
     c.data.options.data_dir = "/unused"
     train.validate(c)  # 8 fake devices: FSDP (1, 8, 1, 1)
     assert train.mesh_shape(c) == (1, 8, 1, 1)
     cfg = train.model_config(c)
     n = registry.count_params(cfg)
-    assert abs(n / registry.REFERENCE_PARAMS[f"flagdit-{size}"] - 1) < 0.01
+    assert abs(n / registry.REFERENCE_PARAMS[f"{arch}-{size}"] - 1) < 0.01
+    assert type(cfg).__name__ == ("NextDiTConfig" if arch == "nextdit" else "FlagDiTConfig")
     assert (c.flow.time_sampler, c.optim.lr, c.global_batch, c.ema_decay, c.optim.grad_clip) == \
         ("lognorm", 5e-4, 256, 0.9999, 2.0)
 
@@ -63,3 +65,16 @@ def test_imagenet_recipe_trains_and_samples_on_latents(tmp_path):
     out = np.load(tmp_path / "w" / "samples_3.npz")
     assert out["latents"].shape == (4, 8, 8, 4) and np.isfinite(out["latents"]).all()
     np.testing.assert_array_equal(out["labels"], np.arange(4))
+
+
+def test_next_mnist_config_trains(tmp_path):
+    """configs/next/mnist.py: the default run with a Next-DiT; a few steps give a finite, falling loss."""
+    import json
+
+    c = load_config("configs/next/mnist.py")
+    assert train.model_config(c).kv_heads == c.model.n_heads == 4  # full MHA, as the default
+    c.total_steps, c.log_every_steps, c.checkpoint.async_save = 40, 10, False
+    c.model.dim, c.model.n_layers = 64, 2
+    train.train(c, tmp_path)
+    losses = [json.loads(l)["loss"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert np.isfinite(losses).all() and losses[-1] < losses[0]

@@ -15,7 +15,8 @@ def test_eight_fake_devices():
     assert jax.device_count() == 8, "conftest.py must set XLA_FLAGS before jax is imported"
 
 
-@pytest.mark.parametrize("name", ["flagdit-tiny", "lumina-t2i-tiny", "dit-tiny", "flagdit-7b"])
+@pytest.mark.parametrize("name", ["flagdit-tiny", "lumina-t2i-tiny", "dit-tiny", "flagdit-7b", "nextdit-tiny",
+                                  "lumina-next-tiny", "lumina-next-2b"])
 def test_every_parameter_axis_is_named_and_ruled(name):
     abstract = registry.abstract_params(registry.get_config(name))
     known = {k for k, _ in sharding.DEFAULT_RULES}
@@ -25,8 +26,9 @@ def test_every_parameter_axis_is_named_and_ruled(name):
         assert set(leaf.names) <= known, (jax.tree_util.keystr(path), leaf.names)
 
 
-def test_sharded_forward_matches_single_device():
-    cfg = registry.get_config("lumina-t2i-tiny")
+@pytest.mark.parametrize("preset", ["lumina-t2i-tiny", "lumina-next-tiny"])
+def test_sharded_forward_matches_single_device(preset):
+    cfg = registry.get_config(preset)
     model = registry.build(cfg)
     packed, _, kw = registry.example_inputs(cfg, batch=4, size=8, cap_len=4)
     key = jax.random.key(0)
