@@ -155,3 +155,11 @@ def test_converter_refuses_mismatch(golden):
     sd["final_layer.linear.bias"] = np.zeros(7)
     with pytest.raises(official.CheckpointMismatch, match=r"final_layer.linear.bias: \(7,\)"):
         official.params_from_state_dict(sd, golden.cfg)
+
+
+def test_state_dict_round_trip_is_exact(golden):
+    """params -> official state dict gives back the file's tensors under the file's keys."""
+    back = official.state_dict_from_params(golden.params, golden.cfg)
+    assert sorted(back) == sorted(golden.state_dict)
+    for k, v in golden.state_dict.items():
+        np.testing.assert_array_equal(back[k], v, err_msg=k)

@@ -218,6 +218,32 @@ def params_from_state_dict(state_dict: Mapping[str, Any], cfg: FlagDiTConfig, *,
     return jax.tree.map(np.asarray, tree)
 
 
+def state_dict_from_params(params: Mapping[str, Any], cfg: FlagDiTConfig) -> dict[str, np.ndarray]:
+    """Our params -> an official state dict (numpy, official keys and layouts); the inverse of
+    `params_from_state_dict` (round trip exact, tests/test_golden.py), for handing weights back
+    to the PyTorch code."""
+    p, c = cfg.patch_size, cfg.in_channels
+    renames = [(r"^layers_(\d+)/", r"layers.\1/"), (r"/mlp_(\d)/", r"/mlp.\1/"),
+               (r"adaLN_modulation/linear/", "adaLN_modulation/1/"), (r"^cap_embedder/norm/", "cap_embedder/0/"),
+               (r"^cap_embedder/linear/", "cap_embedder/1/"), (r"/embedding_table$", "/embedding_table/weight"),
+               (r"/scale$", "/weight")]
+    if isinstance(cfg, NextDiTConfig) and not cfg.pre_norm_affine:  # ImageNet Next-DiT names its post-norms
+        renames.append((r"/(attention_norm|ffn_norm)2/", r"/\1/"))
+    out = {}
+    for path, value in flax.traverse_util.flatten_dict(dict(params), sep="/").items():
+        v = np.asarray(value, np.float32)
+        key = path
+        for pat, rep in renames:
+            key = re.sub(pat, rep, key)
+        if key == "x_embedder/kernel":  # [p*p*C, d] in (ph, pw, C) -> weight [d, C*p*p] in (C, ph, pw)
+            v = v.reshape(p, p, c, -1).transpose(3, 2, 0, 1).reshape(v.shape[-1], -1)
+            key = "x_embedder/weight"
+        elif key.endswith("/kernel"):
+            v, key = v.T, key[: -len("kernel")] + "weight"
+        out[key.replace("/", ".")] = np.ascontiguousarray(v)
+    return out
+
+
 def load_torch_file(path: str) -> Any:
     """Load a `.pth` (state dict or model_args Namespace) with torch (an optional dependency)."""
     try:
