@@ -211,9 +211,17 @@ class LuminaNextPipeline(_FlowPipeline):
         kw = {}
         if opts["proportional_attn"]:
             kw["base_seqlen"] = (self.train_image_size // (self.downsample * self.cfg.patch_size)) ** 2
-        # Lumina-Next: s = sqrt(W*H)/S, PI before the watershed, NTK after (REFERENCE.md §4).
+        # Lumina-Next: s = sqrt(W*H)/S, PI before the watershed, NTK after (REFERENCE.md §4); or the
+        # paper's continuous frequency-/time-aware forms with the same s.
         kw["scale_factor"] = math.sqrt(width * height / self.train_image_size ** 2)
-        kw["scale_watershed"] = float(opts["scaling_watershed"])
+        if opts["rope_scaling"] == "watershed":
+            kw["scale_watershed"] = float(opts["scaling_watershed"])
+        else:
+            kw["rope_scaling"] = opts["rope_scaling"]
+            kw["rope_train_len"] = self.train_image_size // (self.downsample * self.cfg.patch_size)
+        if opts["context_drop"] != 1:
+            kw["context_drop"] = int(opts["context_drop"])
+            kw["context_drop_until"] = opts["context_drop_until"]
         return kw
 
     def __call__(self, prompt: str | list[str] | None = None, height: int | None = None, width: int | None = None,
@@ -221,12 +229,15 @@ class LuminaNextPipeline(_FlowPipeline):
                  negative_prompt: str | list[str] | None = None, seed: int | jax.Array | None = None,
                  latents: jax.Array | None = None, output_type: str = "pil", *, prompt_embeds=None,
                  negative_prompt_embeds=None, method: str = "midpoint", shift: float = 4.0, grid: str = "lumina",
-                 scaling_watershed: float = 0.3, proportional_attn: bool = True, cfg_channels: int | None = 3):
+                 scaling_watershed: float = 0.3, proportional_attn: bool = True, cfg_channels: int | None = 3,
+                 rope_scaling: str = "watershed", context_drop: int = 1, context_drop_until: float | None = None):
         """Generate images for `prompt` (or precomputed `prompt_embeds=(feats, mask)` pairs).
 
         Returns a list of PIL images, a `[B, H, W, 3]` array in [0, 1] ('np'), or latents
         `[B, h, w, C]` ('latent'). `latents` (channels-last `[B, h, w, C]`) replaces the noise
-        drawn from `seed`.
+        drawn from `seed`. `rope_scaling` 'frequency_aware' / 'time_aware' replaces the watershed
+        switch by the paper's forms; `context_drop=r` pools keys/values r x r (while
+        t < `context_drop_until` when given).
         """
         height = height or self.train_image_size
         width = width or self.train_image_size
@@ -246,7 +257,9 @@ class LuminaNextPipeline(_FlowPipeline):
         return self._run(cond, uncond, batch, height, width, num_inference_steps=num_inference_steps,
                          guidance_scale=guidance_scale, seed=seed, latents=latents, output_type=output_type,
                          method=method, shift=shift, grid=grid, cfg_channels=cfg_channels,
-                         extra_opts=dict(proportional_attn=proportional_attn, scaling_watershed=scaling_watershed))
+                         extra_opts=dict(proportional_attn=proportional_attn, scaling_watershed=scaling_watershed,
+                                         rope_scaling=rope_scaling, context_drop=context_drop,
+                                         context_drop_until=context_drop_until))
 
 
 @dataclasses.dataclass

@@ -128,3 +128,16 @@ def test_flagdit_class_conditional_pipeline():
         pipe(class_labels=[10])
     with pytest.raises(ValueError, match="needs a text-conditional Next-DiT"):
         pl.LuminaNextPipeline(model, params)
+
+
+def test_lumina_next_pipeline_passes_paper_rope_and_context_drop(next_pipe):
+    lat = jax.random.normal(jax.random.key(9), (1, 32, 32, 4))
+    run = lambda **o: np.asarray(next_pipe("a red cat", 64, 64, num_inference_steps=2, latents=lat,
+                                           output_type="latent", **o))
+    base = run()
+    for opts in (dict(rope_scaling="time_aware"), dict(rope_scaling="frequency_aware"),
+                 dict(context_drop=2), dict(context_drop=2, context_drop_until=0.5)):
+        out = run(**opts)
+        assert np.isfinite(out).all() and not np.allclose(out, base), opts
+    # Dropping only while t < 0 never drops: the plain run.
+    np.testing.assert_allclose(run(context_drop=2, context_drop_until=0.0), base, rtol=1e-5, atol=1e-5)
