@@ -90,3 +90,22 @@ def test_context_drop_is_time_aware(next_model):
         model.apply({"params": params}, mixed, jnp.zeros(2), **kw, context_drop=2)
     with pytest.raises(ValueError, match="must divide the token grid"):
         run(0.3, context_drop=5)
+
+
+@pytest.mark.parametrize("rope_axes", [2, 3])
+def test_video_frames_with_2d_and_3d_rope(rope_axes):
+    """Two identical frames: 2-D RoPE (row, col) cannot tell them apart, 3-D (frame, row, col) can."""
+    cfg = registry.get_config("nextdit-tiny", dim=96, n_heads=4, n_kv_heads=None, rope_axes=rope_axes)
+    model = registry.build(cfg)
+    frame = np.random.default_rng(0).standard_normal((1, 1, 8, 8, 4)).astype(np.float32)
+    packed = tok.pack(jnp.asarray(np.concatenate([frame, frame], 1)), 2, nextline=False)
+    params = model.init(jax.random.key(0), packed, jnp.zeros(1), y=jnp.zeros(1, jnp.int32))["params"]
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    params = jax.tree.unflatten(tree, [0.3 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
+    out = tok.unpack(model.apply({"params": params}, packed, jnp.full((1,), 0.5), y=jnp.ones(1, jnp.int32)),
+                     packed)[0]
+    same = np.allclose(np.asarray(out[0]), np.asarray(out[1]), atol=1e-5)
+    assert same == (rope_axes == 2)
+    with pytest.raises(ValueError, match="divisible by 2\\*rope_axes=6"):
+        registry.get_config("nextdit-tiny", rope_axes=3)  # head_dim 16
