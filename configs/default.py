@@ -42,7 +42,7 @@ def get_config(arg=None):
     # Sampling / evaluation defaults for `flagdit sample` and `flagdit eval`.
     # cfg 2.3: on one 3,500-step run, cfg 2.0 / 2.2 / 2.3 / 2.5 gave accuracy 0.89 / 0.91 / 0.93 / 0.94 at
     # FID 2.9x / 3.3x / 3.5x / 4.0x the real-data floor.
-    c.sample = ml_collections.ConfigDict(dict(method="heun", num_steps=20, cfg_scale=2.3, per_class=8,
+    c.sample = ml_collections.ConfigDict(dict(method="heun", num_steps=20, cfg_scale=2.3, shift=1.0, per_class=8,
                                               use_ema=True))
     # FID at N=500 against the 500 held-out digits; its baselines are scored at the same N.
     # classifier_steps: training steps of the feature net (0 = its default; cached in the workdir).

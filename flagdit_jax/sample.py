@@ -37,11 +37,12 @@ def load_params(config, workdir: str | pathlib.Path, *, use_ema: bool = True):
 
 
 def make_generator(s: "train.Setup", n: int, *, method: str, num_steps: int, cfg_scale: float,
-                   cfg_channels: int | None = None):
+                   cfg_channels: int | None = None, shift: float = 1.0):
     """Jitted `generate(params, labels [n], key) -> images [n, H, W, C]`.
 
     cfg_channels=None guides every channel; 3 is the reference's first-3-latent-channel CFG
-    (REFERENCE.md §4). The ODE state is kept as [n, L, p*p, C] so that the channel axis is last.
+    (REFERENCE.md §4); shift > 1 puts more of the steps near the noise end (time shifting).
+    The ODE state is kept as [n, L, p*p, C] so that the channel axis is last.
     """
     cfg, size = s.model_cfg, s.config.data.image_size
     layout = tok.pack(jnp.zeros((n, 1, size, size, cfg.in_channels)), cfg.patch_size, nextline=cfg.nextline)
@@ -58,7 +59,7 @@ def make_generator(s: "train.Setup", n: int, *, method: str, num_steps: int, cfg
         v = samplers.guided_velocity_fn(model_fn, labels, jnp.full_like(labels, null), cfg_scale,
                                         channels=cfg_channels)
         x0 = jax.random.normal(key, shape)
-        x1 = samplers.sample_ode(v, x0, method=method, num_steps=num_steps)
+        x1 = samplers.sample_ode(v, x0, method=method, num_steps=num_steps, shift=shift)
         return tok.unpack(x1.reshape(layout.tokens.shape), layout)[:, 0]
 
     return generate
@@ -69,7 +70,7 @@ def generate_images(config, params, s, labels: np.ndarray, seed: int, batch: int
     sc = config.sample
     batch = batch or len(labels)
     gen = make_generator(s, batch, method=sc.method, num_steps=sc.num_steps, cfg_scale=sc.cfg_scale,
-                         cfg_channels=sc.get("cfg_channels"))
+                         cfg_channels=sc.get("cfg_channels"), shift=sc.get("shift", 1.0))
     out = []
     for i in range(0, len(labels), batch):
         lb = np.asarray(labels[i:i + batch], np.int32)
