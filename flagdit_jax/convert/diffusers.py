@@ -25,7 +25,7 @@ import flax.linen as nn
 import flax.traverse_util
 import numpy as np
 
-from flagdit_jax.convert.official import CheckpointMismatch, _first, _patch_embed
+from flagdit_jax.convert.official import CheckpointMismatch, _first, _patch_embed, _patch_unembed
 from flagdit_jax.models import registry
 from flagdit_jax.models.next_dit import NextDiTConfig
 
@@ -146,8 +146,7 @@ def _to_theirs(kind: str, cfg: NextDiTConfig, k: np.ndarray) -> np.ndarray:
     if kind == _LINEAR:
         return k.T
     if kind == _PATCH:
-        p, c = cfg.patch_size, cfg.in_channels
-        return k.reshape(p, p, c, k.shape[-1]).transpose(3, 2, 0, 1).reshape(k.shape[-1], c * p * p)
+        return _patch_unembed(cfg)(k)
     return k
 
 

@@ -129,6 +129,17 @@ def _patch_embed(cfg: FlagDiTConfig) -> Callable:
     return fn
 
 
+def _patch_unembed(cfg: FlagDiTConfig) -> Callable:
+    """Inverse of `_patch_embed`: kernel [p*p*C, d] in (ph, pw, C) -> weight [d, C*p*p] in (C, ph, pw)."""
+    p, c = cfg.patch_size, cfg.in_channels
+
+    def fn(k):
+        k = np.asarray(k)
+        return k.reshape(p, p, c, k.shape[-1]).transpose(3, 2, 0, 1).reshape(k.shape[-1], c * p * p)
+
+    return fn
+
+
 def _rules(cfg: FlagDiTConfig):
     """(official key regex, our path template, transform) in match order."""
     same = np.asarray
@@ -222,7 +233,6 @@ def state_dict_from_params(params: Mapping[str, Any], cfg: FlagDiTConfig) -> dic
     """Our params -> an official state dict (numpy, official keys and layouts); the inverse of
     `params_from_state_dict` (round trip exact, tests/test_golden.py), for handing weights back
     to the PyTorch code."""
-    p, c = cfg.patch_size, cfg.in_channels
     renames = [(r"^layers_(\d+)/", r"layers.\1/"), (r"/mlp_(\d)/", r"/mlp.\1/"),
                (r"adaLN_modulation/linear/", "adaLN_modulation/1/"), (r"^cap_embedder/norm/", "cap_embedder/0/"),
                (r"^cap_embedder/linear/", "cap_embedder/1/"), (r"/embedding_table$", "/embedding_table/weight"),
@@ -235,9 +245,8 @@ def state_dict_from_params(params: Mapping[str, Any], cfg: FlagDiTConfig) -> dic
         key = path
         for pat, rep in renames:
             key = re.sub(pat, rep, key)
-        if key == "x_embedder/kernel":  # [p*p*C, d] in (ph, pw, C) -> weight [d, C*p*p] in (C, ph, pw)
-            v = v.reshape(p, p, c, -1).transpose(3, 2, 0, 1).reshape(v.shape[-1], -1)
-            key = "x_embedder/weight"
+        if key == "x_embedder/kernel":
+            v, key = _patch_unembed(cfg)(v), "x_embedder/weight"
         elif key.endswith("/kernel"):
             v, key = v.T, key[: -len("kernel")] + "weight"
         out[key.replace("/", ".")] = np.ascontiguousarray(v)
