@@ -227,6 +227,34 @@ def embed_tokens(module: nn.Module, packed: tok.Packed, dim: int, special: dict[
     return x
 
 
+def embed_inputs(module: nn.Module, cfg, packed, t, y, cap_feats, cap_mask, train, force_drop):
+    """Shared front of Flag-DiT and Next-DiT: token embedding (learnable [nextline] / [nextframe] /
+    [PAD] where the config has them; [PAD] for text models) and the adaLN condition
+    c = t_emb + (label or pooled-caption embedding). Returns `(x [B, L, d], c [B, a], cap_feats)`."""
+    dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    special = {}
+    if cfg.nextline:
+        special[tok.NEXTLINE] = "eol_token"
+    if cfg.nextframe:
+        special[tok.NEXTFRAME] = "eof_token"
+    if cfg.text_conditional:
+        special[tok.PAD] = "pad_token"
+    x = embed_tokens(module, packed, cfg.dim, special, dtype, pdtype)
+
+    c = L.TimestepEmbedder(cfg.cond_dim, name="t_embedder", dtype=dtype, param_dtype=pdtype)(t)
+    module.sow("intermediates", "out:t_embedder", c)
+    if cfg.text_conditional:
+        cond = L.CaptionEmbedder(cfg.cond_dim, name="cap_embedder", dtype=dtype, param_dtype=pdtype)(
+            cap_feats, cap_mask)
+        module.sow("intermediates", "out:cap_embedder", cond)
+        cap_feats = cap_feats.astype(dtype)
+    else:
+        cond = L.LabelEmbedder(cfg.num_classes, cfg.cond_dim, cfg.class_dropout_prob, name="y_embedder",
+                               param_dtype=pdtype)(y, train=train, force_drop=force_drop)
+        module.sow("intermediates", "out:y_embedder", cond)
+    return x, c + cond.astype(c.dtype), cap_feats
+
+
 def drop_sigma_channels(out: jax.Array, patch_size: int, in_channels: int) -> jax.Array:
     """`[B, L, p*p*2C] -> [B, L, p*p*C]`: keep the predicted channels, drop learn_sigma's unused half.
 
@@ -262,27 +290,7 @@ class FlagDiT(nn.Module):
         cfg = self.cfg
         check_inputs(cfg, packed, t, y, cap_feats, cap_mask)
         dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-        special = {}
-        if cfg.nextline:
-            special[tok.NEXTLINE] = "eol_token"
-        if cfg.nextframe:
-            special[tok.NEXTFRAME] = "eof_token"
-        if cfg.text_conditional:
-            special[tok.PAD] = "pad_token"
-        x = embed_tokens(self, packed, cfg.dim, special, dtype, pdtype)
-
-        c = L.TimestepEmbedder(cfg.cond_dim, name="t_embedder", dtype=dtype, param_dtype=pdtype)(t)
-        self.sow("intermediates", "out:t_embedder", c)
-        if cfg.text_conditional:
-            cond = L.CaptionEmbedder(cfg.cond_dim, name="cap_embedder", dtype=dtype, param_dtype=pdtype)(
-                cap_feats, cap_mask)
-            self.sow("intermediates", "out:cap_embedder", cond)
-            cap_feats = cap_feats.astype(dtype)
-        else:
-            cond = L.LabelEmbedder(cfg.num_classes, cfg.cond_dim, cfg.class_dropout_prob, name="y_embedder",
-                                   param_dtype=pdtype)(y, train=train, force_drop=force_drop)
-            self.sow("intermediates", "out:y_embedder", cond)
-        c = c + cond.astype(c.dtype)
+        x, c, cap_feats = embed_inputs(self, cfg, packed, t, y, cap_feats, cap_mask, train, force_drop)
 
         # 1-D RoPE over the flat token index, [nextline]/[PAD] included (REFERENCE.md §1).
         angles = L.rope_angles(packed.index, cfg.head_dim, theta=cfg.rope_theta, ntk_factor=ntk_factor,

@@ -20,10 +20,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flagdit_jax import tokens as tok
 from flagdit_jax.models import layers as L
 from flagdit_jax.models.flag_dit import (Attention, FinalLayer, FlagDiTConfig, check_inputs, drop_sigma_channels,
-                                         embed_tokens, has_pads)
+                                         embed_inputs, has_pads)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,11 +45,6 @@ class NextDiTConfig(FlagDiTConfig):
         if self.head_dim % (2 * self.rope_axes):
             raise ValueError(f"head_dim={self.head_dim} must be divisible by 2*rope_axes={2 * self.rope_axes} "
                              "for the interleaved multi-axis RoPE")
-
-    @property
-    def pads_embedded(self) -> bool:
-        """T2I Next-DiT has a learnable [PAD]; the ImageNet file has none."""
-        return self.text_conditional
 
 
 ROPE_SCALINGS = ("watershed", "frequency_aware", "time_aware")
@@ -129,25 +123,7 @@ class NextDiT(nn.Module):
         cfg = self.cfg
         check_inputs(cfg, packed, t, y, cap_feats, cap_mask)
         dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-        special = {tok.PAD: "pad_token"} if cfg.pads_embedded else {}
-        if cfg.nextline:
-            special[tok.NEXTLINE] = "eol_token"
-        if cfg.nextframe:
-            special[tok.NEXTFRAME] = "eof_token"
-        x = embed_tokens(self, packed, cfg.dim, special, dtype, pdtype)
-
-        c = L.TimestepEmbedder(cfg.cond_dim, name="t_embedder", dtype=dtype, param_dtype=pdtype)(t)
-        self.sow("intermediates", "out:t_embedder", c)
-        if cfg.text_conditional:
-            cond = L.CaptionEmbedder(cfg.cond_dim, name="cap_embedder", dtype=dtype, param_dtype=pdtype)(
-                cap_feats, cap_mask)
-            self.sow("intermediates", "out:cap_embedder", cond)
-            cap_feats = cap_feats.astype(dtype)
-        else:
-            cond = L.LabelEmbedder(cfg.num_classes, cfg.cond_dim, cfg.class_dropout_prob, name="y_embedder",
-                                   param_dtype=pdtype)(y, train=train, force_drop=force_drop)
-            self.sow("intermediates", "out:y_embedder", cond)
-        c = c + cond.astype(c.dtype)
+        x, c, cap_feats = embed_inputs(self, cfg, packed, t, y, cap_feats, cap_mask, train, force_drop)
 
         if rope_scaling not in ROPE_SCALINGS:
             raise ValueError(f"rope_scaling={rope_scaling!r}; expected one of {ROPE_SCALINGS}")
