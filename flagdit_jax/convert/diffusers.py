@@ -25,7 +25,7 @@ import flax.linen as nn
 import flax.traverse_util
 import numpy as np
 
-from flagdit_jax.convert.official import CheckpointMismatch, _first, _patch_embed, _patch_unembed
+from flagdit_jax.convert.official import _first, _patch_embed, _patch_unembed, raise_mismatch
 from flagdit_jax.models import registry
 from flagdit_jax.models.next_dit import NextDiTConfig
 
@@ -188,20 +188,10 @@ def params_from_diffusers(state_dict: Mapping[str, Any], cfg: NextDiTConfig, *, 
         for key, src in copies
         if key in sd and src in sd and not np.array_equal(sd[key], sd[src])
     ]
-    if unexpected or missing or wrong or differ:
-        parts = []
-        if unexpected:
-            parts.append(f"unexpected keys: {_first(unexpected)}")
-        if missing:
-            parts.append(f"missing keys: {_first(missing)}")
-        if wrong:
-            parts.append(f"shape mismatches: {_first(wrong)}")
-        if differ:
-            parts.append("the cross-attention query must copy the self-attention query (our model shares "
-                         f"it): {_first(differ)}")
-        raise CheckpointMismatch(f"diffusers checkpoint does not match the config (dim={cfg.dim}, "
-                                 f"n_layers={cfg.n_layers}, n_heads={cfg.n_heads}, n_kv_heads={cfg.kv_heads}, "
-                                 f"qk_norm={cfg.qk_norm}): " + "; ".join(parts))
+    raise_mismatch(f"diffusers checkpoint does not match the config (dim={cfg.dim}, n_layers={cfg.n_layers}, "
+                   f"n_heads={cfg.n_heads}, n_kv_heads={cfg.kv_heads}, qk_norm={cfg.qk_norm})",
+                   [("unexpected keys", unexpected), ("missing keys", missing), ("shape mismatches", wrong),
+                    ("the cross-attention query must copy the self-attention query (our model shares it)", differ)])
     if set(flat) != set(expected):  # the table must cover our tree exactly
         stale = sorted(set(flat) ^ set(expected))
         raise RuntimeError(f"diffusers key table out of date with the model: {_first(stale)}")
@@ -219,12 +209,8 @@ def params_to_diffusers(params: Mapping[str, Any], cfg: NextDiTConfig) -> dict[s
     expected = _expected_shapes(cfg)
     extra, missing = sorted(set(flat) - set(expected)), sorted(set(expected) - set(flat))
     wrong = [f"{p}: {flat[p].shape} vs expected {s}" for p, s in expected.items() if p in flat and flat[p].shape != s]
-    if extra or missing or wrong:
-        parts = [f"{what}: {_first(items)}" for what, items in
-                 (("unexpected parameters", extra), ("missing parameters", missing), ("shape mismatches", wrong))
-                 if items]
-        raise CheckpointMismatch(f"params do not match the config (dim={cfg.dim}, n_layers={cfg.n_layers}): "
-                                 + "; ".join(parts))
+    raise_mismatch(f"params do not match the config (dim={cfg.dim}, n_layers={cfg.n_layers})",
+                   [("unexpected parameters", extra), ("missing parameters", missing), ("shape mismatches", wrong)])
     sd = {key: np.ascontiguousarray(_to_theirs(kind, cfg, flat[path])) for key, path, kind in _table(cfg)}
     for key, src in _copies(cfg):
         sd[key] = sd[src].copy()

@@ -188,6 +188,13 @@ def _first(items, n=5) -> str:
     return ", ".join(map(str, items[:n])) + more
 
 
+def raise_mismatch(header: str, problems: list[tuple[str, list]]) -> None:
+    """Raise `CheckpointMismatch` as 'header: label: first few; ...' over the non-empty problem lists."""
+    parts = [f"{label}: {_first(items)}" for label, items in problems if items]
+    if parts:
+        raise CheckpointMismatch(f"{header}: " + "; ".join(parts))
+
+
 def params_from_state_dict(state_dict: Mapping[str, Any], cfg: FlagDiTConfig, *, dtype=np.float32) -> dict:
     """Official state dict (numpy-convertible arrays under official keys) -> our params tree.
 
@@ -215,16 +222,9 @@ def params_from_state_dict(state_dict: Mapping[str, Any], cfg: FlagDiTConfig, *,
         for path, (src, v) in flat.items()
         if path in expected and np.shape(v) != expected[path]
     ]
-    if unexpected or missing or wrong:
-        parts = []
-        if unexpected:
-            parts.append(f"unexpected keys: {_first(unexpected)}")
-        if missing:
-            parts.append(f"missing parameters: {_first(missing)}")
-        if wrong:
-            parts.append(f"shape mismatches (after conversion): {_first(wrong)}")
-        raise CheckpointMismatch(f"checkpoint does not match the config (dim={cfg.dim}, n_layers={cfg.n_layers}, "
-                                 f"n_heads={cfg.n_heads}): " + "; ".join(parts))
+    raise_mismatch(f"checkpoint does not match the config (dim={cfg.dim}, n_layers={cfg.n_layers}, "
+                   f"n_heads={cfg.n_heads})", [("unexpected keys", unexpected), ("missing parameters", missing),
+                                               ("shape mismatches (after conversion)", wrong)])
     tree = flax.traverse_util.unflatten_dict({tuple(p.split("/")): v for p, (_, v) in flat.items()})
     return jax.tree.map(np.asarray, tree)
 
