@@ -158,14 +158,13 @@ class _FlowPipeline:
         latents = jnp.asarray(latents, jnp.float32)
         if latents.shape != (batch, h, w, c.in_channels):
             raise ValueError(f"latents shape {latents.shape}; expected [B, h, w, C]={(batch, h, w, c.in_channels)}")
-        single = self._layout(batch, h, w)
-        x0 = tok.pack(latents[:, None], c.patch_size, nextline=c.nextline, nextframe=c.nextframe).tokens
-        x0 = x0.reshape(x0.shape[:2] + (c.patch_size ** 2, c.in_channels))
+        packed = tok.pack(latents[:, None], c.patch_size, nextline=c.nextline, nextframe=c.nextframe)
+        x0 = packed.tokens.reshape(packed.tokens.shape[:2] + (c.patch_size ** 2, c.in_channels))
         opts = dict(self._model_kwargs(height, width, extra_opts), cfg_channels=cfg_channels)
         x1 = self._jitted(self.params, x0, cond, uncond, make_grid(grid, num_inference_steps, shift),
                           jnp.asarray(guidance_scale, jnp.float32), shape=(2 * batch, h, w), method=method,
                           opts=_Frozen(opts))
-        out = tok.unpack(x1.reshape(x1.shape[:2] + (-1,)), single)[:, 0]  # [B, h, w, C]
+        out = tok.unpack(x1.reshape(x1.shape[:2] + (-1,)), packed)[:, 0]  # [B, h, w, C]
         if output_type == "latent":
             return out
         images = self.vae.decode(out / self.vae.scaling_factor + getattr(self.vae, "shift_factor", 0.0))
@@ -182,9 +181,6 @@ class _Frozen(dict):
 
     def __hash__(self):
         return hash(tuple(sorted(self.items())))
-
-    def __getattr__(self, k):
-        return self[k]
 
 
 def _as_list(x, what) -> list:
