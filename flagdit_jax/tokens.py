@@ -192,6 +192,17 @@ def pack(
     )
 
 
+def pack_for(cfg, frames: jax.Array | Sequence[jax.Array], *, pad_to: int | None = None) -> Packed:
+    """`pack` with the layout a model config asks for (patch size, [nextline], [nextframe]).
+
+    The one packing entry point of train, sample, pipelines and experiments, so that no caller can
+    drop a layout flag. `cfg` is any model config (`patch_size`; `nextline` / `nextframe` default
+    to False where a config has no such field, e.g. DiT).
+    """
+    return pack(frames, cfg.patch_size, nextline=getattr(cfg, "nextline", False),
+                nextframe=getattr(cfg, "nextframe", False), pad_to=pad_to)
+
+
 def _unpatchify(seq: jax.Array, shape, patch_size, nextline, nextframe) -> jax.Array:
     """[..., L, p*p*C] (first seq_len tokens real) -> [..., T, H, W, C]."""
     t, h, w = shape

@@ -14,7 +14,7 @@ from flagdit_jax import checkpoint, cli, tokens as tok
 from flagdit_jax.convert import official
 from flagdit_jax.models import registry
 
-from conftest import GOLDEN_DIR as GOLDEN
+from conftest import GOLDEN_DIR as GOLDEN, assert_parity
 
 
 def _golden(name):
@@ -42,7 +42,7 @@ def test_convert_round_trip_reproduces_official_output(tmp_path, fmt):
     y = registry.build(cfg).apply({"params": params}, packed, jnp.asarray(npz["input.forward.t"]),
                                   y=jnp.asarray(npz["input.forward.y"]))
     got = np.asarray(tok.unpack(y, packed))[:, 0].transpose(0, 3, 1, 2)
-    np.testing.assert_allclose(got, npz["output.forward"], atol=1e-5)
+    assert_parity(got, npz["output.forward"])
     # A second conversion into the same directory is refused rather than overwriting it.
     with pytest.raises(SystemExit, match="exists and is not empty"):
         cli.main(["convert", "--checkpoint", str(src), "--config-json", str(tmp_path / "args.json"),

@@ -22,8 +22,8 @@ from flagdit_jax import checkpoint, cli, tokens as tok  # noqa: E402
 from flagdit_jax.convert import diffusers as conv  # noqa: E402
 from flagdit_jax.convert.official import CheckpointMismatch  # noqa: E402
 from flagdit_jax.models import registry  # noqa: E402
+from conftest import assert_parity  # noqa: E402
 
-ATOL = 1e-5
 TINY = dict(sample_size=16, patch_size=2, in_channels=4, hidden_size=64, num_layers=2, num_attention_heads=4,
             num_kv_heads=2, cross_attention_dim=32)
 # Full MHA, no QK norm, no learned sigma, custom FFN width: the converter's other branches.
@@ -107,7 +107,7 @@ def _compare(pair, x, t, cap, mask, theirs_kw=None, ours_kw=None):
     ours = _run_ours(module, cfg, params, x, t, cap, mask, **(ours_kw or {}))
     err = float(np.max(np.abs(ours - theirs[:, :cfg.in_channels])))
     assert np.abs(theirs).max() > 0.1  # a non-trivial output
-    np.testing.assert_allclose(ours, theirs[:, :cfg.in_channels], atol=ATOL, rtol=0)
+    assert_parity(ours, theirs[:, :cfg.in_channels])
     return err
 
 
@@ -229,7 +229,7 @@ def test_cli_convert_diffusers_folder(tmp_path):
     # The reloaded checkpoint reproduces diffusers' output.
     x, t, cap, mask = _inputs(cfg, 16, 16, cap_lens=[6, 4], seed=11)
     theirs = _run_diffusers(model, x, t, cap, mask)[:, :cfg.in_channels]
-    np.testing.assert_allclose(_run_ours(registry.build(cfg), cfg, params, x, t, cap, mask), theirs, atol=ATOL, rtol=0)
+    assert_parity(_run_ours(registry.build(cfg), cfg, params, x, t, cap, mask), theirs)
     # A pipeline folder (transformer/ inside) is accepted as well; --diffusers excludes the other sources.
     assert cli.main(["convert", "--diffusers", str(tmp_path), "--output", str(tmp_path / "ckpt2")]) == 0
     with pytest.raises(SystemExit, match="drop --model-args"):

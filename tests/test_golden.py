@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import GOLDEN_DIR
+from conftest import GOLDEN_DIR, assert_parity
 
 from flagdit_jax import tokens as tok
 from flagdit_jax.convert import official
@@ -20,7 +20,6 @@ from flagdit_jax.flow.samplers import cfg_combine
 from flagdit_jax.models import registry
 
 SUPPORTED = {"flagdit_imagenet", "lumina_t2i", "nextdit_imagenet", "lumina_next_t2i"}
-ATOL = 1e-5
 FILES = sorted(GOLDEN_DIR.glob("*.json"))
 
 
@@ -130,7 +129,7 @@ def test_intermediates(golden):
         if name == "x_embedder":  # the reference records patches only, before [nextline] insertion
             ours = ours[np.asarray(packed.kind) == tok.PATCH]
             ref = ref.reshape(-1, ref.shape[-1])
-        np.testing.assert_allclose(ours, ref, atol=ATOL, rtol=0, err_msg=key)
+        assert_parity(ours, ref, err_msg=key)
         checked += 1
     assert checked >= 4
 
@@ -142,7 +141,7 @@ def test_calls(golden):
         outs = out if isinstance(out, list) else [out]
         assert len(outs) == len(refs)
         for o, key in zip(outs, refs):
-            np.testing.assert_allclose(o, golden.npz[key], atol=ATOL, rtol=0, err_msg=f"{call['name']} {key}")
+            assert_parity(o, golden.npz[key], err_msg=f"{call['name']} {key}")
 
 
 def test_converter_refuses_mismatch(golden):
