@@ -57,6 +57,16 @@ class Packed:
         return jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
 
     @property
+    def has_pads(self) -> bool:
+        """Static: may a sample carry [PAD] tokens? Always True for a training batch packed on the
+        host (`shapes=None`: its per-sample sizes vary from batch to batch and stay out of the
+        compiled step, so one compile serves a whole token-length bucket)."""
+        if self.shapes is None:
+            return True
+        length = self.kind.shape[1]
+        return any(seq_len(s, self.patch_size, self.nextline, self.nextframe) != length for s in self.shapes)
+
+    @property
     def grid_sizes(self) -> tuple[tuple[int, int, int], ...]:
         """Per-sample (T, H/p, W/p)."""
         p = self.patch_size

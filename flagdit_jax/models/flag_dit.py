@@ -312,10 +312,8 @@ class FlagDiT(nn.Module):
 
 
 def has_pads(packed: tok.Packed) -> bool:
-    """Static: does any sample in the batch carry [PAD] tokens?"""
-    length = packed.tokens.shape[1]
-    lay = (packed.patch_size, packed.nextline, packed.nextframe)
-    return any(tok.seq_len(s, *lay) != length for s in packed.shapes)
+    """Static: does any sample in the batch carry [PAD] tokens? (`tokens.Packed.has_pads`)"""
+    return packed.has_pads
 
 
 def check_inputs(cfg, packed, t, y, cap_feats, cap_mask) -> None:
