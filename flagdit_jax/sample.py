@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from flagdit_jax import checkpoint, tokens as tok, train
+from flagdit_jax import checkpoint, tasks, tokens as tok, train
 from flagdit_jax.flow import samplers
 
 
@@ -36,49 +36,62 @@ def load_params(config, workdir: str | pathlib.Path, *, use_ema: bool = True):
     return params, s, step
 
 
-def make_generator(s: "train.Setup", n: int, *, method: str, num_steps: int, cfg_scale: float,
-                   cfg_channels: int | None = None, shift: float = 1.0):
-    """Jitted `generate(params, labels [n], key) -> images [n, H, W, C]`.
+def make_generator(s: "train.Setup", n: int, shape: tuple[int, int, int] | None = None, *, method: str,
+                   num_steps: int, cfg_scale: float, cfg_channels: int | None = None, shift: float = 1.0):
+    """Jitted `generate(params, cond, key) -> frames [n, T, H, W, C]` for latent size `shape`.
 
-    cfg_channels=None guides every channel; 3 is the reference's first-3-latent-channel CFG
-    (REFERENCE.md §4); shift > 1 puts more of the steps near the noise end (time shifting).
-    The ODE state is kept as [n, L, p*p, C] so that the channel axis is last.
+    `cond` is the task's condition for n samples (`{'label': [n]}` or `{'cap_feats': [n, S, D],
+    'cap_mask': [n, S]}`); guidance pairs it with the task's null condition. `shape` (T, H, W)
+    defaults to one `config.data.image_size` square frame. cfg_channels=None guides every channel;
+    3 is the reference's first-3-latent-channel CFG (REFERENCE.md §4); shift > 1 puts more of the
+    steps near the noise end (time shifting). The ODE state is kept as [n, L, p*p, C] so that the
+    channel axis is last.
     """
-    cfg, size = s.model_cfg, s.config.data.image_size
-    layout = tok.pack(jnp.zeros((n, 1, size, size, cfg.in_channels)), cfg.patch_size, nextline=cfg.nextline)
-    pair = tok.pack(jnp.zeros((2 * n, 1, size, size, cfg.in_channels)), cfg.patch_size, nextline=cfg.nextline)
-    null = cfg.num_classes
-    shape = layout.tokens.shape[:2] + (cfg.patch_size ** 2, cfg.in_channels)
+    cfg, task = s.model_cfg, s.task
+    if shape is None:
+        shape = (1, s.config.data.image_size, s.config.data.image_size)
+    zeros = jnp.zeros((n, *shape, cfg.in_channels))
+    layout = tok.pack_for(cfg, zeros)
+    pair = tok.pack_for(cfg, jnp.concatenate([zeros, zeros]))
+    state_shape = layout.tokens.shape[:2] + (cfg.patch_size ** 2, cfg.in_channels)
 
     @jax.jit
-    def generate(params, labels, key):
-        def model_fn(x, t, y):
+    def generate(params, cond, key):
+        def model_fn(x, t, c):
             tokens = x.reshape(x.shape[:2] + (-1,))
-            return s.model.apply({"params": params}, pair.replace(tokens=tokens), t, y=y).reshape(x.shape)
+            return s.model.apply({"params": params}, pair.replace(tokens=tokens), t,
+                                 **task.model_kwargs(c)).reshape(x.shape)
 
-        v = samplers.guided_velocity_fn(model_fn, labels, jnp.full_like(labels, null), cfg_scale,
-                                        channels=cfg_channels)
-        x0 = jax.random.normal(key, shape)
+        v = samplers.guided_velocity_fn(model_fn, cond, task.null_cond(n), cfg_scale, channels=cfg_channels)
+        x0 = jax.random.normal(key, state_shape)
         x1 = samplers.sample_ode(v, x0, method=method, num_steps=num_steps, shift=shift)
-        return tok.unpack(x1.reshape(layout.tokens.shape), layout)[:, 0]
+        return tok.unpack(x1.reshape(layout.tokens.shape), layout)
 
     return generate
 
 
-def generate_images(config, params, s, labels: np.ndarray, seed: int, batch: int | None = None) -> np.ndarray:
-    """Images `[N, H, W, C]` in [-1, 1] for class `labels`, in batches of `batch`."""
+def generate(config, params, s, cond: dict, seed: int, *, shape: tuple[int, int, int] | None = None,
+             batch: int | None = None) -> np.ndarray:
+    """Frames `[N, T, H, W, C]` in [-1, 1] for the task conditions `cond` (leaves `[N, ...]`), in batches."""
     sc = config.sample
-    batch = batch or len(labels)
-    gen = make_generator(s, batch, method=sc.method, num_steps=sc.num_steps, cfg_scale=sc.cfg_scale,
+    total = len(jax.tree.leaves(cond)[0])
+    batch = batch or total
+    gen = make_generator(s, batch, shape, method=sc.method, num_steps=sc.num_steps, cfg_scale=sc.cfg_scale,
                          cfg_channels=sc.get("cfg_channels"), shift=sc.get("shift", 1.0))
     out = []
-    for i in range(0, len(labels), batch):
-        lb = np.asarray(labels[i:i + batch], np.int32)
-        pad = batch - len(lb)
-        lb_full = np.concatenate([lb, np.zeros(pad, np.int32)])
-        imgs = gen(params, jnp.asarray(lb_full), jax.random.fold_in(jax.random.key(seed), i))
-        out.append(np.asarray(imgs)[: len(lb)])
+    for i in range(0, total, batch):
+        part = jax.tree.map(lambda a: np.asarray(a[i:i + batch]), cond)
+        m = len(jax.tree.leaves(part)[0])
+        full = jax.tree.map(lambda a: np.concatenate([a, np.repeat(a[:1], batch - m, 0)]), part)  # pad the last batch
+        frames = gen(params, jax.tree.map(jnp.asarray, full), jax.random.fold_in(jax.random.key(seed), i))
+        out.append(np.asarray(frames)[:m])
     return np.clip(np.concatenate(out), -1.0, 1.0)
+
+
+def generate_images(config, params, s, labels: np.ndarray, seed: int, batch: int | None = None) -> np.ndarray:
+    """Class-conditional images `[N, H, W, C]` in [-1, 1] for class `labels`, in batches of `batch`."""
+    cond = {"label": np.asarray(labels, np.int32)}
+    return generate(config, params, s, cond, seed, batch=batch)[:, 0]
 
 
 def save_grid(path: pathlib.Path, images: np.ndarray, rows: int) -> None:
@@ -92,19 +105,49 @@ def save_grid(path: pathlib.Path, images: np.ndarray, rows: int) -> None:
     Image.fromarray(grid[..., 0] if c == 1 else grid).save(path)
 
 
-def sample_grid(config, workdir: str | pathlib.Path, out: str | pathlib.Path | None = None) -> pathlib.Path:
-    """One row per class, `config.sample.per_class` columns; writes `workdir/samples_<step>.png`."""
+def sample_grid(config, workdir: str | pathlib.Path, out: str | pathlib.Path | None = None) -> list[pathlib.Path]:
+    """Write sample grids to `workdir` (or `out`); returns their paths.
+
+    Class labels: one row per class, `config.sample.per_class` columns (`samples_<step>.png`).
+    Captions: for every latent size of the eval split, one grid of `per_class` samples drawn with
+    the captions of the first eval records of that size, frames of a clip side by side
+    (`samples_<step>_<T>x<H>x<W>.png`).
+    """
     params, s, step = load_params(config, workdir, use_ema=config.sample.use_ema)
-    n_cls = s.model_cfg.num_classes
-    labels = np.repeat(np.arange(n_cls), config.sample.per_class)
-    images = generate_images(config, params, s, labels, seed=config.seed)
-    if images.shape[-1] not in (1, 3):  # VAE latents: no image to show without a decoder
-        out = pathlib.Path(out) if out else pathlib.Path(workdir) / f"samples_{step}.npz"
-        np.savez(out, latents=images, labels=labels)
-        print(f"wrote {out}: {images.shape} latents (decode with the run's VAE), labels {labels.shape}")
-        return out
-    out = pathlib.Path(out) if out else pathlib.Path(workdir) / f"samples_{step}.png"
-    save_grid(out, images, rows=n_cls)
-    print(f"wrote {out} ({n_cls} rows, one per class; step {step}, {config.sample.method} x{config.sample.num_steps},"
-          f" cfg {config.sample.cfg_scale})")
-    return out
+    sc = config.sample
+    what = f"{sc.method} x{sc.num_steps}, cfg {sc.cfg_scale}"
+    if isinstance(s.task, tasks.ClassLabel):
+        n_cls = s.model_cfg.num_classes
+        labels = np.repeat(np.arange(n_cls), sc.per_class)
+        images = generate_images(config, params, s, labels, seed=config.seed)
+        if images.shape[-1] not in (1, 3):  # VAE latents: no image to show without a decoder
+            path = pathlib.Path(out) if out else pathlib.Path(workdir) / f"samples_{step}.npz"
+            np.savez(path, latents=images, labels=labels)
+            print(f"wrote {path}: {images.shape} latents (decode with the run's VAE), labels {labels.shape}")
+            return [path]
+        path = pathlib.Path(out) if out else pathlib.Path(workdir) / f"samples_{step}.png"
+        save_grid(path, images, rows=n_cls)
+        print(f"wrote {path} ({n_cls} rows, one per class; step {step}, {what})")
+        return [path]
+    from flagdit_jax.data.buckets import record_shapes
+
+    source = train.make_source(config, "eval")
+    shapes = record_shapes(source)
+    folder = pathlib.Path(out) if out else pathlib.Path(workdir)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for shape in sorted({tuple(x) for x in shapes.tolist()}):
+        rows = np.flatnonzero((shapes == shape).all(1))[: sc.per_class]
+        cond = s.task.collate([source[int(r)] for r in rows])
+        frames = generate(config, params, s, cond, seed=config.seed, shape=shape)  # [n, T, H, W, C]
+        n, t, h, w, c = frames.shape
+        strip = frames.transpose(0, 2, 1, 3, 4).reshape(n, h, t * w, c)  # frames side by side
+        path = folder / f"samples_{step}_{t}x{h}x{w}.png"
+        if c in (1, 3):
+            save_grid(path, strip, rows=1)
+        else:
+            path = path.with_suffix(".npz")
+            np.savez(path, latents=frames, records=rows)
+        written.append(path)
+        print(f"wrote {path} ({n} samples of latent size {shape}; step {step}, {what})")
+    return written

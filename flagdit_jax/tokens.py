@@ -35,7 +35,8 @@ class Packed:
         W/p of its row, [nextframe] at row H/p, column 0 of its frame; [PAD] repeats the last
         real token's position.
       mask: `[B, L]` bool, True for every non-[PAD] token.
-      shapes: per-sample latent sizes `((T, H, W), ...)` (static).
+      shapes: per-sample latent sizes `((T, H, W), ...)` (static), or None for a host-packed
+        training batch (`as_packed`), which cannot be unpacked.
       patch_size, nextline, nextframe: the layout (static).
       batched: True when the input was one `[B, T, H, W, C]` array (unpack returns an array).
     """
@@ -44,7 +45,7 @@ class Packed:
     kind: jax.Array
     positions: jax.Array
     mask: jax.Array
-    shapes: tuple[tuple[int, int, int], ...] = flax.struct.field(pytree_node=False)
+    shapes: tuple[tuple[int, int, int], ...] | None = flax.struct.field(pytree_node=False)
     patch_size: int = flax.struct.field(pytree_node=False, default=2)
     nextline: bool = flax.struct.field(pytree_node=False, default=True)
     nextframe: bool = flax.struct.field(pytree_node=False, default=False)
@@ -105,19 +106,19 @@ def _layout(t: int, hp: int, wp: int, nextline: bool, nextframe: bool):
     return kind.reshape(-1).astype(np.int32), pos.reshape(-1, 3).astype(np.int32)
 
 
-def _patchify(x: jax.Array, patch_size: int, nextline: bool, nextframe: bool) -> jax.Array:
-    """[..., T, H, W, C] -> [..., n, p*p*C] with zero vectors at special tokens."""
+def _patchify(x, patch_size: int, nextline: bool, nextframe: bool, xp=jnp):
+    """[..., T, H, W, C] -> [..., n, p*p*C] with zero vectors at special tokens (xp: jnp or np)."""
     *lead, t, h, w, c = x.shape
     p = patch_size
     hp, wp = h // p, w // p
     x = x.reshape(*lead, t, hp, p, wp, p, c)
-    x = jnp.moveaxis(x, -4, -3)  # [..., T, hp, wp, p, p, C]
+    x = xp.moveaxis(x, -4, -3)  # [..., T, hp, wp, p, p, C]
     x = x.reshape(*lead, t, hp, wp, p * p * c)
     if nextline:
-        x = jnp.concatenate([x, jnp.zeros((*lead, t, hp, 1, p * p * c), x.dtype)], axis=-2)
+        x = xp.concatenate([x, xp.zeros((*lead, t, hp, 1, p * p * c), x.dtype)], axis=-2)
     x = x.reshape(*lead, t, -1, p * p * c)
     if nextframe:
-        x = jnp.concatenate([x, jnp.zeros((*lead, t, 1, p * p * c), x.dtype)], axis=-2)
+        x = xp.concatenate([x, xp.zeros((*lead, t, 1, p * p * c), x.dtype)], axis=-2)
     return x.reshape(*lead, -1, p * p * c)
 
 
@@ -213,6 +214,42 @@ def pack_for(cfg, frames: jax.Array | Sequence[jax.Array], *, pad_to: int | None
                 nextframe=getattr(cfg, "nextframe", False), pad_to=pad_to)
 
 
+def pack_host(frames: Sequence[np.ndarray], cfg, pad_to: int) -> dict[str, np.ndarray]:
+    """NumPy packing on the host (data workers) for training batches of mixed sizes.
+
+    Args:
+      frames: list of `[T, H, W, C]` arrays (sizes and frame counts may differ).
+      cfg: a model config (its patch size and [nextline] / [nextframe] layout, as `pack_for`).
+      pad_to: the token-length bucket L every sample is padded to with [PAD].
+    Returns:
+      `{'tokens': [B, L, p*p*C] float32, 'kind': [B, L] int32, 'positions': [B, L, 3] int32}`,
+      the arrays of `pack_for(cfg, frames, pad_to=L)`; `as_packed` turns them into a `Packed`.
+    """
+    p, nl, nf = cfg.patch_size, getattr(cfg, "nextline", False), getattr(cfg, "nextframe", False)
+    tokens, kinds, positions = [], [], []
+    for i, f in enumerate(frames):
+        f = np.asarray(f, np.float32)
+        _check_shape(f.shape, p, f"frames[{i}]")
+        n = seq_len(f.shape[:3], p, nl, nf)
+        if n > pad_to:
+            raise ValueError(f"frames[{i}] of latent size {f.shape[:3]} needs {n} tokens, more than the bucket "
+                             f"length {pad_to}")
+        kind, pos = _layout(f.shape[0], f.shape[1] // p, f.shape[2] // p, nl, nf)
+        tokens.append(np.pad(_patchify(f, p, nl, nf, xp=np), ((0, pad_to - n), (0, 0))))
+        kinds.append(np.pad(kind, (0, pad_to - n), constant_values=PAD))
+        positions.append(np.concatenate([pos, np.repeat(pos[-1:], pad_to - n, 0)], 0))
+    return {"tokens": np.stack(tokens), "kind": np.stack(kinds), "positions": np.stack(positions)}
+
+
+def as_packed(arrays: dict, cfg) -> Packed:
+    """`pack_host` arrays (numpy or global jax.Arrays) -> a `Packed` whose static part is only the
+    layout (`shapes=None`), so every batch of one token-length bucket reuses one compiled step."""
+    return Packed(tokens=arrays["tokens"], kind=arrays["kind"], positions=arrays["positions"],
+                  mask=arrays["kind"] != PAD, shapes=None, patch_size=cfg.patch_size,
+                  nextline=getattr(cfg, "nextline", False), nextframe=getattr(cfg, "nextframe", False),
+                  batched=False)
+
+
 def _unpatchify(seq: jax.Array, shape, patch_size, nextline, nextframe) -> jax.Array:
     """[..., L, p*p*C] (first seq_len tokens real) -> [..., T, H, W, C]."""
     t, h, w = shape
@@ -239,6 +276,9 @@ def unpack(seq: jax.Array, packed: Packed) -> jax.Array | list[jax.Array]:
       `[B, T, H, W, C']` if `pack` was given one array, else a list of `[T, H, W, C']`.
     """
     p = packed.patch_size
+    if packed.shapes is None:
+        raise ValueError("this Packed came from as_packed (a host-packed training batch) and carries no per-sample "
+                         "sizes; pack with pack / pack_for to unpack")
     if seq.ndim != 3 or seq.shape[:2] != packed.kind.shape or seq.shape[-1] % (p * p):
         raise ValueError(
             f"seq must be [B, L, p*p*C] with [B, L]={packed.kind.shape} and p={p}, got {seq.shape}"

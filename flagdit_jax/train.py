@@ -1,8 +1,10 @@
 """The train loop (big_vision style: one readable function over a pytree state).
 
-config -> validate -> mesh + logical rules -> grain iterator (host-local shards) -> global batch
--> tokens.pack -> flow-matching loss -> AdamW (clip) -> EMA -> metrics -> Orbax save every N steps
-(state + data iterator). The same loop runs data / FSDP / tensor parallel by changing only
+config -> validate -> mesh + logical rules -> grain iterator (host-local shards, token-length
+buckets, packed on the host) -> global batch -> task: noise, times, condition dropout -> flow-matching
+loss over real tokens -> AdamW (clip) -> EMA -> metrics -> Orbax save every N steps (state + data
+iterator). What differs between class labels, captions and joint modalities lives in the task
+(`flagdit_jax/tasks.py`); the loop never branches on it. The same loop runs data / FSDP / tensor parallel by changing only
 `config.mesh.shape` and `config.rules`; multi-host via `jax.distributed.initialize()`.
 """
 
@@ -24,7 +26,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from flagdit_jax import checkpoint, sharding, tokens as tok
+from flagdit_jax import checkpoint, sharding, tasks, tokens as tok
 from flagdit_jax.flow import losses, paths, timesteps
 from flagdit_jax.models import registry
 
@@ -108,9 +110,19 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ValueError("config.data.name='latents' needs config.data.options.data_dir (a folder of "
                          "train-*.array_record shards written by flagdit_jax.data.latents.write_latents) "
                          f"or config.data.options.path_prefix; got options={dict(config.data.get('options', {}))}")
-    if config.data.image_size % cfg.patch_size:
-        raise ValueError(f"config.data.image_size={config.data.image_size} must be divisible by "
+    if config.data.image_size <= 0 or config.data.image_size % cfg.patch_size:
+        raise ValueError(f"config.data.image_size={config.data.image_size} must be a positive multiple of "
                          f"config.model.patch_size={cfg.patch_size}")
+    buckets = tuple(config.data.get("buckets", ()) or ())
+    if any(not isinstance(b, int) or b <= 0 for b in buckets):
+        raise ValueError(f"config.data.buckets={buckets}; expected positive token lengths, or () for one bucket per "
+                         "length in the data")
+    name = tasks.task_name(config, cfg)
+    if name == "caption" and config.data.name not in ("mnist_captions", "latents"):
+        raise ValueError(f"config.task='caption' needs captioned data; config.data.name={config.data.name!r} has none "
+                         "(e.g. 'mnist_captions')")
+    if not 0.0 <= float(config.get("caption_dropout", 0.1)) < 1.0:
+        raise ValueError(f"config.caption_dropout={config.caption_dropout} must be in [0, 1)")
     if config.data.channels != cfg.in_channels:
         raise ValueError(f"config.data.channels={config.data.channels} must equal config.model.in_channels="
                          f"{cfg.in_channels}")
@@ -156,7 +168,7 @@ class Setup:
     model: nn.Module
     model_cfg: Any
     tx: optax.GradientTransformation
-    layout: tok.Packed  # token layout of one accumulation micro-batch
+    task: tasks.FlowTask
     mesh: Any
     rules: tuple
     state_shardings: Any
@@ -164,25 +176,32 @@ class Setup:
     batch_sharding: NamedSharding
 
 
-def _example(cfg, batch, size):
-    layout = tok.pack(jnp.zeros((batch, 1, size, size, cfg.in_channels)), cfg.patch_size, nextline=cfg.nextline,
-                      nextframe=cfg.nextframe)
-    return layout, jnp.zeros((batch,)), jnp.zeros((batch,), jnp.int32)
+def make_source(config, split: str = "train"):
+    from flagdit_jax.data import pipeline
+
+    return pipeline.get_source(config.data.name, split, **dict(config.data.get("options", {})))
 
 
-def setup(config) -> tuple[Setup, Any]:
-    """Validate, build model / optimizer / mesh and the state shardings; also returns the boxed init."""
+def setup(config, source=None) -> tuple[Setup, Any]:
+    """Validate, build model / task / optimizer / mesh and the state shardings; also returns the boxed
+    init. `source` (the training data) is read only by tasks that need it (the caption task's null
+    caption) and built from the config when not given."""
     validate(config)
     cfg = model_config(config)
     model = registry.build(cfg)
+    if tasks.task_name(config, cfg) == "caption" and source is None:
+        source = make_source(config)
+    task = tasks.get_task(config, cfg, source)
     tx = make_optimizer(config)
     mesh = sharding.make_mesh(mesh_shape(config), devices=jax.devices()[: num_devices(config)])
     rules = tuple(config.get("rules", sharding.DEFAULT_RULES))
     micro = config.global_batch // config.grad_accum_steps
-    layout, t, y = _example(cfg, micro, config.data.image_size)
+    # Parameters do not depend on the token length: any small layout initialises them.
+    layout = tok.pack_for(cfg, jnp.zeros((micro, 1, 2 * cfg.patch_size, 2 * cfg.patch_size, cfg.in_channels)))
 
     def init_boxed(rng):
-        params = model.init({"params": rng, "dropout": rng}, layout, t, y=y)["params"]
+        kw = task.model_kwargs(task.example_cond(micro))
+        params = model.init({"params": rng, "dropout": rng}, layout, jnp.zeros((micro,)), **kw)["params"]
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
                           opt_state=tx.init(params), rng=jax.random.key_data(jax.random.key(config.seed + 1)))
 
@@ -191,7 +210,7 @@ def setup(config) -> tuple[Setup, Any]:
     abstract_state = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
                                   nn.unbox(abstract), state_shardings)
     batch_sharding = NamedSharding(mesh, P(("data", "fsdp")))
-    return Setup(config, model, cfg, tx, layout, mesh, rules, state_shardings, abstract_state,
+    return Setup(config, model, cfg, tx, task, mesh, rules, state_shardings, abstract_state,
                  batch_sharding), init_boxed
 
 
@@ -204,32 +223,26 @@ def init_state(s: Setup, init_boxed) -> TrainState:
 def make_train_step(s: Setup):
     """Jitted `step(state, batch) -> (state, metrics)` with in/out NamedShardings.
 
-    Noise, times and label dropout are drawn once for the whole global batch and then split into
+    `batch` is a packed global batch ({'tokens', 'kind', 'positions', 'cond', ...}, see
+    `data.buckets`); each token-length bucket compiles once. The task draws noise, times and
+    condition dropout once for the whole global batch; they are then split with it into
     `grad_accum_steps` micro-batches, so accumulation equals the full-batch step (up to float sums).
     """
-    config, model, tx, cfg = s.config, s.model, s.tx, s.model_cfg
+    config, model, tx, task, cfg = s.config, s.model, s.tx, s.task, s.model_cfg
     accum = config.grad_accum_steps
-    path = paths.get_path(config.flow.path)
-    sample_t = timesteps.get_time_sampler(config.flow.time_sampler)
-    prediction = config.flow.prediction
-    train_eps = 0.0 if prediction == "velocity" else 1e-3  # SiT's create_transport (REFERENCE.md §3)
 
-    def micro_loss(params, x1, x0, t, labels, drop):
-        def model_fn(x_t, t_):
-            return model.apply({"params": params}, s.layout.replace(tokens=x_t), t_, y=labels, force_drop=drop)
+    def micro_loss(params, packed, cond, draws):
+        def apply(p, t, **kw):
+            return model.apply({"params": params}, p, t, **kw)
 
-        return losses.flow_matching_loss(model_fn, x1, x0, t, path=path, prediction=prediction)[0]
+        return task.loss(apply, packed, cond, draws)
 
     def step_fn(state: TrainState, batch):
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-        k_noise, k_t, k_drop = jax.random.split(rng, 3)
-        b = batch["label"].shape[0]
-        x1 = tok.pack(batch["image"][:, None], cfg.patch_size, nextline=cfg.nextline).tokens
-        x0 = jax.random.normal(k_noise, x1.shape, x1.dtype)
-        t = train_eps + (1.0 - 2.0 * train_eps) * sample_t(k_t, b)
-        drop = jax.random.uniform(k_drop, (b,)) < cfg.class_dropout_prob  # CFG label dropout
-        micro = jax.tree.map(lambda a: a.reshape(accum, b // accum, *a.shape[1:]),
-                             (x1, x0, t, batch["label"], drop))
+        packed = tok.as_packed(batch, cfg)
+        draws = task.draw(rng, packed, batch["cond"])
+        b = packed.tokens.shape[0]
+        micro = jax.tree.map(lambda a: a.reshape(accum, b // accum, *a.shape[1:]), (packed, batch["cond"], draws))
         grad_fn = jax.value_and_grad(micro_loss)
 
         def body(carry, xs):
@@ -252,8 +265,20 @@ def make_train_step(s: Setup):
 
 
 def global_batch(s: Setup, local: dict) -> dict:
-    """Host-local numpy batch -> global jax.Arrays sharded over the data axes."""
-    return {k: jax.make_array_from_process_local_data(s.batch_sharding, np.asarray(v)) for k, v in local.items()}
+    """Host-local numpy batch (a nested dict) -> global jax.Arrays sharded over the data axes."""
+    return jax.tree.map(lambda v: jax.make_array_from_process_local_data(s.batch_sharding, np.asarray(v)), local)
+
+
+def pack_batch(s: Setup, elements: list[dict], pad_to: int | None = None) -> dict:
+    """Source elements -> one host-local packed batch, as the data iterator makes them (for tests and
+    tools that feed batches by hand). `pad_to` defaults to the longest element."""
+    from flagdit_jax.data.buckets import frames_of
+
+    frames = [frames_of(e) for e in elements]
+    if pad_to is None:
+        lay = (s.model_cfg.patch_size, getattr(s.model_cfg, "nextline", False), getattr(s.model_cfg, "nextframe", False))
+        pad_to = max(tok.seq_len(f.shape[:3], *lay) for f in frames)
+    return dict(tok.pack_host(frames, s.model_cfg, pad_to), cond=s.task.collate(elements))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -261,20 +286,24 @@ def global_batch(s: Setup, local: dict) -> dict:
 # ------------------------------------------------------------------------------------------------
 
 
-def make_data_iterator(config):
-    from flagdit_jax.data import pipeline
+def make_data_iterator(s: Setup, source):
+    """The bucketed, packed, checkpointable iterator of this process (`data.buckets`)."""
+    from flagdit_jax.data import buckets
 
-    source = pipeline.get_source(config.data.name, "train", **dict(config.data.get("options", {})))
-    return pipeline.make_iterator(source, global_batch=config.global_batch, seed=config.seed,
-                                  process_index=jax.process_index(), process_count=jax.process_count(),
-                                  worker_count=config.data.worker_count)
+    it, _ = buckets.make_bucketed_iterator(
+        source, s.model_cfg, global_batch=s.config.global_batch, seed=s.config.seed, collate=s.task.collate,
+        buckets=tuple(s.config.data.get("buckets", ()) or ()), process_index=jax.process_index(),
+        process_count=jax.process_count(), worker_count=s.config.data.worker_count)
+    return it
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> TrainState:
     """Train (or resume) in `workdir`; returns the final state."""
-    s, init_boxed = setup(config)  # validates before any compile or I/O
+    validate(config)  # before any compile or I/O
+    source = make_source(config)
+    s, init_boxed = setup(config, source)
     workdir = pathlib.Path(workdir).absolute()
-    data_iter = make_data_iterator(config)
+    data_iter = make_data_iterator(s, source)
     mngr = checkpoint.make_manager(workdir / "checkpoints", every_steps=config.checkpoint.every_steps,
                                    keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
     restored = checkpoint.restore_latest(mngr, s.abstract_state, data_iter)
@@ -287,24 +316,25 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Tra
     step_fn = make_train_step(s)
     lr_fn = learning_rate(config)
     writer = checkpoint.MetricWriter(workdir) if jax.process_index() == 0 else None
-    tokens_per_step = config.global_batch * int(s.layout.mask.sum() // s.layout.mask.shape[0])
-    t_last, n_last = time.time(), start
+    t_last, n_last, tokens = time.time(), start, 0
     from tqdm import tqdm
 
     bar = tqdm(total=config.total_steps, initial=start, desc="train", mininterval=10,
                disable=jax.process_index() != 0)
     with jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules):
         for step in range(start, config.total_steps):
-            state, metrics = step_fn(state, global_batch(s, next(data_iter)))
+            local = next(data_iter)
+            tokens += int((local["kind"] == tok.PATCH).sum()) * jax.process_count()  # real tokens only
+            state, metrics = step_fn(state, global_batch(s, local))
             done = step + 1
             bar.update(1)
             if done % config.log_every_steps == 0 or done == config.total_steps:
                 m = {k: float(v) for k, v in metrics.items()}
                 dt = time.time() - t_last
                 m["steps_per_sec"] = (done - n_last) / dt
-                m["tokens_per_sec"] = m["steps_per_sec"] * tokens_per_step
+                m["tokens_per_sec"] = tokens / dt
                 m["learning_rate"] = float(lr_fn(done - 1))
-                t_last, n_last = time.time(), done
+                t_last, n_last, tokens = time.time(), done, 0
                 if writer:
                     writer.write(done, m)
             saved = False

@@ -33,11 +33,12 @@ import numpy as np
 
 import grain
 
-SOURCES = ("mnist", "imagenet", "latents")
+SOURCES = ("mnist", "mnist_captions", "imagenet", "latents")
 
 
 def get_source(name: str, split: str = "train", **kwargs):
-    """Factory: 'mnist' (no options), 'imagenet' (`ImageNetSource` kwargs) or 'latents'.
+    """Factory: 'mnist' (no options), 'mnist_captions' (`CaptionedMnistSource` kwargs: cap_dim,
+    cap_len, shapes), 'imagenet' (`ImageNetSource` kwargs) or 'latents'.
 
     'latents' takes `path_prefix=` (as given to `write_latents`) or `data_dir=` (files
     `{data_dir}/{split}-NNNNN-of-NNNNN.array_record`), plus `scale=`.
@@ -48,6 +49,10 @@ def get_source(name: str, split: str = "train", **kwargs):
         if kwargs:
             raise ValueError(f"the mnist source takes no options, got {sorted(kwargs)}")
         return MnistSource(split)
+    if name == "mnist_captions":
+        from flagdit_jax.data.captioned import CaptionedMnistSource
+
+        return CaptionedMnistSource(split, **kwargs)
     if name == "imagenet":
         from flagdit_jax.data.imagenet import ImageNetSource
 

@@ -1,0 +1,196 @@
+"""What varies by kind of training (DESIGN.md principle 7), so that the train loop never branches.
+
+A task is a small frozen object chosen by `config.task`. The loop and the samplers only call:
+
+  task.collate(elements)             host: the per-sample conditions of a batch -> numpy arrays [b, ...]
+  task.example_cond(b)               zeros of the condition's shapes (init, abstract shapes)
+  task.draw(key, packed, cond)       randomness of one global batch: noise x0, times t, CFG drop mask
+  task.loss(apply, packed, cond, d)  the flow-matching loss of a (micro-)batch, through flow/losses.py
+  task.model_kwargs(cond)            the model's condition keywords (y=..., or cap_feats= / cap_mask=)
+  task.null_cond(b)                  the unconditional condition classifier-free guidance pairs with
+
+`draw` runs once per global batch and its outputs are split with the batch into accumulation
+micro-batches, so accumulation equals the full-batch step. A joint multi-modal task (several
+modalities, each with its own time) overrides `draw` and `loss` (per-token times from the token
+kinds) and keeps the loop as it is.
+
+Tasks:
+  * 'class_label': class id -> null class `num_classes` with probability `dropout` (LT
+    `Flag-DiT-ImageNet/models/model.py: LabelEmbedder.token_drop`, p = 0.1).
+  * 'caption': pre-computed caption embeddings + mask stored with the data (training never runs a
+    text encoder); dropped captions become the empty caption's embedding, as the official T2I
+    trainers replace the caption by "" with probability 0.1 (LT `lumina_t2i/train.py`,
+    `lumina_next_t2i/train.py`; REFERENCE.md: the null caption is the encoder's output of "", not zeros).
+
+Loss mask (both): only patch tokens count; [nextline], [nextframe] and [PAD] never contribute, and
+each sample is averaged over its own real tokens (the official `training_losses` over a list of
+variable-size images: equal weight per image).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flagdit_jax import tokens as tok
+from flagdit_jax.flow import losses, paths, timesteps
+
+TASKS = ("class_label", "caption")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class FlowTask:
+    """Shared flow-matching part: path, time sampler, prediction target, CFG dropout rate."""
+
+    path: Any = paths.LinearPath()
+    time_sampler: str = "uniform"  # a name (tasks travel to grain workers, so they must pickle)
+    prediction: str = "velocity"
+    dropout: float = 0.1
+
+    @property
+    def train_eps(self) -> float:
+        # SiT's create_transport: 0 for velocity prediction, 1e-3 for noise / score (REFERENCE.md §3).
+        return 0.0 if self.prediction == "velocity" else 1e-3
+
+    def draw(self, key: jax.Array, packed: tok.Packed, cond: dict) -> dict:
+        """`{'x0': [B, L, D] noise, 't': [B] times in [eps, 1-eps], 'drop': [B] bool}` for one global batch."""
+        b = packed.tokens.shape[0]
+        k_noise, k_t, k_drop = jax.random.split(key, 3)
+        eps = self.train_eps
+        return {"x0": jax.random.normal(k_noise, packed.tokens.shape, packed.tokens.dtype),
+                "t": eps + (1.0 - 2.0 * eps) * timesteps.get_time_sampler(self.time_sampler)(k_t, b),
+                "drop": jax.random.uniform(k_drop, (b,)) < self.dropout}
+
+    def loss_mask(self, packed: tok.Packed) -> jax.Array:
+        """`[B, L]` True at patch tokens only."""
+        return packed.kind == tok.PATCH
+
+    def loss(self, apply: Callable, packed: tok.Packed, cond: dict, draws: dict) -> jax.Array:
+        """Scalar loss; `apply(packed, t, **model_kwargs) -> [B, L, D]` is the model with its params."""
+        kw = self.model_kwargs(self.apply_dropout(cond, draws["drop"]))
+
+        def model_fn(x_t, t):
+            return apply(packed.replace(tokens=x_t), t, **kw)
+
+        return losses.flow_matching_loss(model_fn, packed.tokens, draws["x0"], draws["t"], path=self.path,
+                                         prediction=self.prediction, mask=self.loss_mask(packed))[0]
+
+    # --- condition hooks ------------------------------------------------------------------------
+    def collate(self, elements: list[dict]) -> dict:
+        raise NotImplementedError
+
+    def example_cond(self, b: int) -> dict:
+        raise NotImplementedError
+
+    def apply_dropout(self, cond: dict, drop: jax.Array) -> dict:
+        null = self.null_cond(drop.shape[0])
+        return jax.tree.map(lambda c, n: jnp.where(drop.reshape((-1,) + (1,) * (c.ndim - 1)), n, c), cond, null)
+
+    def model_kwargs(self, cond: dict) -> dict:
+        raise NotImplementedError
+
+    def null_cond(self, b: int) -> dict:
+        raise NotImplementedError
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ClassLabel(FlowTask):
+    """Class-conditional: elements carry 'label'; the null class id is `num_classes`."""
+
+    num_classes: int = 1000
+
+    def collate(self, elements):
+        labels = np.array([int(e["label"]) for e in elements], np.int32)
+        if labels.size and (labels.min() < 0 or labels.max() >= self.num_classes):
+            raise ValueError(f"labels {sorted(set(labels.tolist()))} outside [0, {self.num_classes})")
+        return {"label": labels}
+
+    def example_cond(self, b):
+        return {"label": jnp.zeros((b,), jnp.int32)}
+
+    def model_kwargs(self, cond):
+        return {"y": cond["label"]}
+
+    def null_cond(self, b):
+        return {"label": jnp.full((b,), self.num_classes, jnp.int32)}
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Caption(FlowTask):
+    """Text-conditional on pre-computed caption embeddings.
+
+    Elements carry 'cap_feats' `[S, D]` and 'cap_mask' `[S]` (S the source's fixed caption length).
+    `null_feats` `[S, D]` / `null_mask` `[S]` are the empty caption's embedding from the same encoder.
+    """
+
+    null_feats: Any = None
+    null_mask: Any = None
+
+    def __post_init__(self):
+        if self.null_feats is None or self.null_mask is None:
+            raise ValueError("the caption task needs the empty caption's embedding (null_feats [S, D], null_mask [S]); "
+                             "the data source provides it as null_caption()")
+        f, m = np.asarray(self.null_feats), np.asarray(self.null_mask)
+        if f.ndim != 2 or m.shape != f.shape[:1]:
+            raise ValueError(f"null caption must be feats [S, D] and mask [S], got {f.shape} and {m.shape}")
+        if not m.any():
+            raise ValueError("the null caption's mask is all False; the empty caption still has its BOS/EOS tokens")
+
+    @property
+    def caption_shape(self) -> tuple[int, int]:
+        return tuple(np.shape(self.null_feats))
+
+    def collate(self, elements):
+        feats = np.stack([np.asarray(e["cap_feats"], np.float32) for e in elements])
+        mask = np.stack([np.asarray(e["cap_mask"], bool) for e in elements])
+        if feats.shape[1:] != self.caption_shape or mask.shape != feats.shape[:2]:
+            raise ValueError(f"caption embeddings {feats.shape} / masks {mask.shape} do not fit the task's "
+                             f"[S, D]={self.caption_shape}")
+        return {"cap_feats": feats, "cap_mask": mask}
+
+    def example_cond(self, b):
+        s, d = self.caption_shape
+        return {"cap_feats": jnp.zeros((b, s, d)), "cap_mask": jnp.ones((b, s), bool)}
+
+    def model_kwargs(self, cond):
+        return {"cap_feats": cond["cap_feats"], "cap_mask": cond["cap_mask"]}
+
+    def null_cond(self, b):
+        s, d = self.caption_shape
+        return {"cap_feats": jnp.broadcast_to(jnp.asarray(self.null_feats, jnp.float32), (b, s, d)),
+                "cap_mask": jnp.broadcast_to(jnp.asarray(self.null_mask, bool), (b, s))}
+
+
+def task_name(config, model_cfg) -> str:
+    """`config.task`, or the model's own kind of condition when the config does not say."""
+    name = config.get("task", None) or ("caption" if getattr(model_cfg, "cap_feat_dim", 0) else "class_label")
+    if name not in TASKS:
+        raise ValueError(f"config.task={name!r}; expected one of {TASKS}")
+    return name
+
+
+def get_task(config, model_cfg, source=None) -> FlowTask:
+    """The task `config.task` names, for `model_cfg`; the caption task reads the empty caption's
+    embedding from `source.null_caption()`."""
+    name = task_name(config, model_cfg)
+    common = dict(path=paths.get_path(config.flow.path), time_sampler=config.flow.time_sampler,
+                  prediction=config.flow.prediction)
+    if name == "class_label":
+        if not getattr(model_cfg, "num_classes", 0):
+            raise ValueError("config.task='class_label' needs a class-conditional model (config.model.num_classes > 0)")
+        return ClassLabel(num_classes=model_cfg.num_classes, dropout=model_cfg.class_dropout_prob, **common)
+    if not getattr(model_cfg, "cap_feat_dim", 0):
+        raise ValueError("config.task='caption' needs a text-conditional model (config.model.cap_feat_dim > 0)")
+    if source is None or not hasattr(source, "null_caption"):
+        raise ValueError(f"config.task='caption' needs a data source with caption embeddings and null_caption(); "
+                         f"config.data.name={config.data.name!r} has none")
+    null = source.null_caption()
+    if np.shape(null["cap_feats"])[-1] != model_cfg.cap_feat_dim:
+        raise ValueError(f"the data's caption embeddings have width {np.shape(null['cap_feats'])[-1]} but "
+                         f"config.model.cap_feat_dim={model_cfg.cap_feat_dim}")
+    return Caption(null_feats=np.asarray(null["cap_feats"], np.float32), null_mask=np.asarray(null["cap_mask"], bool),
+                   dropout=float(config.get("caption_dropout", 0.1)), **common)
