@@ -11,11 +11,39 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import pathlib
 import sys
 
 
+def _user_errors(fn):
+    """Report a subcommand's user errors (a bad file, value or option: ValueError, OSError, ImportError)
+    as one `error:` line on stderr and exit status 1 instead of a traceback; `--debug` re-raises."""
+
+    @functools.wraps(fn)
+    def wrapped(args) -> int:
+        try:
+            return fn(args)
+        except (ValueError, OSError, ImportError) as e:
+            if getattr(args, "debug", False):
+                raise
+            lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
+            more = " (rerun with --debug for the full message)" if len(lines) > 1 else ""
+            print(f"error: {lines[0]}{more}", file=sys.stderr)
+            return 1
+
+    return wrapped
+
+
+def _input_file(option: str, path: str) -> str:
+    p = pathlib.Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{option} {path}: " + ("not a regular file" if p.exists() else "no such file"))
+    return path
+
+
+@_user_errors
 def _convert(args) -> int:
     from flagdit_jax import checkpoint
     from flagdit_jax.convert import official
@@ -38,13 +66,27 @@ def _convert(args) -> int:
     else:
         if sum(sources) != 1:
             raise SystemExit("error: give exactly one of --model-args, --config-json, --preset")
+        # Cheap checks first: a bad preset or a missing / refused model_args.pth fails before the
+        # (possibly many-GB) checkpoint is read.
+        try:
+            cfg = registry.get_config(args.preset) if args.preset else None
+        except ValueError as e:
+            raise ValueError(f"--preset: {e}") from e
+        _input_file("--checkpoint", args.checkpoint)
+        if args.model_args:
+            model_args = official.load_model_args(_input_file("--model-args", args.model_args))
+        elif args.config_json:
+            try:
+                model_args = json.loads(pathlib.Path(_input_file("--config-json", args.config_json)).read_text())
+            except json.JSONDecodeError as e:
+                raise ValueError(f"--config-json {args.config_json}: not valid JSON ({e})") from e
         state_dict = official.load_state_dict(args.checkpoint)
-        if args.preset:
-            cfg = registry.get_config(args.preset)
-        else:
-            model_args = (official.load_torch_file(args.model_args) if args.model_args
-                          else json.loads(pathlib.Path(args.config_json).read_text()))
-            cfg = official.config_from_official(model_args, state_dict)
+        if cfg is None:
+            try:
+                cfg = official.config_from_official(model_args, state_dict)
+            except ValueError as e:  # name the file the arguments came from
+                src = f"--model-args {args.model_args}" if args.model_args else f"--config-json {args.config_json}"
+                raise ValueError(f"{src}: {e}") from e
         params = official.params_from_state_dict(state_dict, cfg)
     checkpoint.save_params(out, params, cfg, overwrite=args.overwrite)
     n = sum(v.size for v in __import__("jax").tree.leaves(params))
@@ -130,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--preset", help="one of our preset names instead of official arguments")
     c.add_argument("--output", required=True, help="output directory (params/ + model.json)")
     c.add_argument("--overwrite", action="store_true")
+    c.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     c.set_defaults(fn=_convert)
 
     p = sub.add_parser("presets", help="print the preset table")

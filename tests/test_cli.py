@@ -49,12 +49,17 @@ def test_convert_round_trip_reproduces_official_output(tmp_path, fmt):
                   "--output", str(out)])
 
 
-def test_convert_refuses_wrong_preset(tmp_path):
+def test_convert_refuses_wrong_preset(tmp_path, capsys):
     _, _, sd = _golden("lumina_t2i")
     src = tmp_path / "m.safetensors"
     save_file(sd, str(src))
+    # Reported as one `error:` line (exit 1), not a traceback; --debug raises the CheckpointMismatch.
+    assert cli.main(["convert", "--checkpoint", str(src), "--preset", "flagdit-tiny",
+                     "--output", str(tmp_path / "o")]) == 1
+    assert "shape mismatches" in capsys.readouterr().err
     with pytest.raises(official.CheckpointMismatch, match="shape mismatches"):
-        cli.main(["convert", "--checkpoint", str(src), "--preset", "flagdit-tiny", "--output", str(tmp_path / "o")])
+        cli.main(["convert", "--checkpoint", str(src), "--preset", "flagdit-tiny", "--output", str(tmp_path / "o"),
+                  "--debug"])
     assert not (tmp_path / "o").exists()
 
 

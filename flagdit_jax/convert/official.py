@@ -8,7 +8,9 @@ parameter tree and refuses a checkpoint whose keys or shapes do not match, namin
 
 from __future__ import annotations
 
+import argparse
 import re
+import warnings
 from typing import Any, Callable, Mapping
 
 import flax.linen as nn
@@ -253,13 +255,60 @@ def state_dict_from_params(params: Mapping[str, Any], cfg: FlagDiTConfig) -> dic
     return out
 
 
+# What torch.load may build beyond tensors and plain containers (dict, list, tuple, str, numbers,
+# None): the official model_args.pth is the training script's argparse.Namespace (LT train.py:
+# `torch.save(args, ".../model_args.pth")`), whose fields are ints, floats, strings, bools and None.
+_SAFE_GLOBALS = (argparse.Namespace,)
+
+
+class UnsafeCheckpoint(ValueError):
+    """A .pth file pickles a class or function other than tensors and plain data: loading it could run code."""
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[0] if lines else type(e).__name__
+
+
+def _torch_reason(e: BaseException) -> str:
+    """The gist of a torch.load failure: torch wraps it in paragraphs of advice (about weights_only=False,
+    which is what we refuse to do) before the 'WeightsUnpickler error:' part."""
+    msg = str(e).rpartition("WeightsUnpickler error:")[2]
+    gist = next((ln.strip() for ln in msg.splitlines() if ln.strip()), "")
+    return f"{type(e).__name__}: {gist.split('. ')[0]}" if gist else type(e).__name__
+
+
 def load_torch_file(path: str) -> Any:
-    """Load a `.pth` (state dict or model_args Namespace) with torch (an optional dependency)."""
+    """Load a `.pth` (state dict or model_args Namespace) with torch (an optional dependency).
+
+    Never runs code from the file: `weights_only=True` unpickles only tensors, plain containers and
+    `_SAFE_GLOBALS`, and refuses anything else before building it.
+
+    Raises:
+      UnsafeCheckpoint: the file pickles another class or function (named in the message).
+      ValueError: the file is not a readable torch.save file (random bytes, truncated, another format).
+      OSError: the file cannot be opened.
+    """
     try:
         import torch
     except ImportError as e:  # pragma: no cover - depends on the install
         raise ImportError("reading .pth files needs torch: pip install 'flagdit_jax[torch]'") from e
-    obj = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        with torch.serialization.safe_globals(list(_SAFE_GLOBALS)), warnings.catch_warnings():
+            # A bare pickle (not torch.save) draws a protocol warning before it is refused below.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:
+        raise  # missing or unreadable: the OS message names the path
+    except Exception as e:  # torch reports bad bytes as UnpicklingError, RuntimeError, KeyError, ...
+        refused = re.search(r"GLOBAL (\S+)", str(e))
+        if refused:
+            raise UnsafeCheckpoint(
+                f"{path} holds non-tensor objects ({refused.group(1)}); refused as unsafe to load (unpickling "
+                "it could run code). If you trust it, re-save the weights as .safetensors and pass those") from e
+        raise ValueError(
+            f"{path} is not readable as tensors and plain data by torch.load(weights_only=True) ({_torch_reason(e)}): "
+            "not a torch.save file, corrupt, or holding objects refused as unsafe; .safetensors is preferred") from e
     if isinstance(obj, Mapping) and "model" in obj and isinstance(obj["model"], Mapping):
         obj = obj["model"]  # training checkpoints nest the state dict
     if isinstance(obj, Mapping):
@@ -267,12 +316,25 @@ def load_torch_file(path: str) -> Any:
     return obj
 
 
+def load_model_args(path: str) -> dict:
+    """The official `model_args.pth` (an argparse.Namespace, or a dict) as a dict, loaded safely."""
+    args = load_torch_file(path)
+    if not isinstance(args, (argparse.Namespace, Mapping)):
+        raise ValueError(f"{path} holds a {type(args).__name__}; expected the official model_args.pth "
+                         "(an argparse.Namespace of training arguments)")
+    return _as_dict(args)
+
+
 def load_state_dict(path: str) -> dict[str, np.ndarray]:
-    """State dict from `.pth` / `.pt` (torch) or `.safetensors`."""
+    """State dict from `.pth` / `.pt` / `.bin` (torch, loaded safely) or `.safetensors` (preferred: no torch)."""
     if path.endswith(".safetensors"):
+        from safetensors import SafetensorError
         from safetensors.numpy import load_file
 
-        return dict(load_file(path))
+        try:
+            return dict(load_file(path))
+        except SafetensorError as e:
+            raise ValueError(f"{path} is not a readable safetensors file ({_first_line(e)})") from e
     if path.endswith((".pth", ".pt", ".bin")):
         sd = load_torch_file(path)
         if not isinstance(sd, Mapping):
