@@ -48,8 +48,8 @@ def run_steps(config, batches):
     step = train.make_train_step(s)
     losses = []
     with jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules):
-        for b in batches:
-            state, m = step(state, train.global_batch(s, b))
+        for elements in batches:
+            state, m = step(state, train.global_batch(s, train.pack_batch(s, elements)))
             losses.append(float(m["loss"]))
     return state, losses
 
@@ -57,8 +57,8 @@ def run_steps(config, batches):
 @pytest.fixture(scope="module")
 def batches():
     rng = np.random.default_rng(0)
-    return [dict(image=rng.uniform(-1, 1, (16, 32, 32, 1)).astype(np.float32),
-                 label=rng.integers(0, 10, 16).astype(np.int32)) for _ in range(2)]
+    return [[dict(image=rng.uniform(-1, 1, (32, 32, 1)).astype(np.float32), label=np.int32(rng.integers(0, 10)))
+             for _ in range(16)] for _ in range(2)]
 
 
 @pytest.fixture(scope="module")

@@ -94,7 +94,7 @@ def assign_buckets(shapes: np.ndarray, cfg, buckets: Sequence[int] | None) -> tu
     idx = np.searchsorted(np.asarray(bl), lengths)  # smallest bucket >= length
     if (idx == len(bl)).any():
         bad = int(np.flatnonzero(idx == len(bl))[0])
-        raise ValueError(f"record {bad} of latent size {tuple(shapes[bad])} needs {lengths[bad]} tokens, more than "
+        raise ValueError(f"record {bad} of latent size {tuple(shapes[bad].tolist())} needs {lengths[bad]} tokens, more than "
                          f"the largest bucket {bl[-1]}; add a bucket >= {lengths[bad]} to config.data.buckets")
     return idx, bl
 
