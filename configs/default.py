@@ -14,6 +14,7 @@ def get_config(arg=None):
     c.total_steps = 3200  # 3,500 took 10 min 08 s in all (train + sample + eval); 3,200 took 9 min 30 s
     c.global_batch = 32
     c.grad_accum_steps = 1
+    c.task = "class_label"  # flagdit_jax/tasks.py: labels -> null class w.p. model.class_dropout_prob
 
     # Model: a FlagDiTConfig preset name plus field overrides (registry.get_config).
     c.model = ml_collections.ConfigDict(dict(

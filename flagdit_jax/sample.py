@@ -13,7 +13,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from flagdit_jax import checkpoint, tasks, tokens as tok, train
-from flagdit_jax.flow import samplers
+from flagdit_jax.flow import paths, samplers
 
 
 def load_params(config, workdir: str | pathlib.Path, *, use_ema: bool = True):
@@ -44,8 +44,9 @@ def make_generator(s: "train.Setup", n: int, shape: tuple[int, int, int] | None 
     'cap_mask': [n, S]}`); guidance pairs it with the task's null condition. `shape` (T, H, W)
     defaults to one `config.data.image_size` square frame. cfg_channels=None guides every channel;
     3 is the reference's first-3-latent-channel CFG (REFERENCE.md §4); shift > 1 puts more of the
-    steps near the noise end (time shifting). The ODE state is kept as [n, L, p*p, C] so that the
-    channel axis is last.
+    steps near the noise end (time shifting). method 'sde' is SiT's Euler–Maruyama sampler on the
+    training path (`s.config.sample` may set diffusion_form / diffusion_norm / last_step). The state
+    is kept as [n, L, p*p, C] so that the channel axis is last.
     """
     cfg, task = s.model_cfg, s.task
     if shape is None:
@@ -63,8 +64,15 @@ def make_generator(s: "train.Setup", n: int, shape: tuple[int, int, int] | None 
                                  **task.model_kwargs(c)).reshape(x.shape)
 
         v = samplers.guided_velocity_fn(model_fn, cond, task.null_cond(n), cfg_scale, channels=cfg_channels)
-        x0 = jax.random.normal(key, state_shape)
-        x1 = samplers.sample_ode(v, x0, method=method, num_steps=num_steps, shift=shift)
+        k_init, k_sde = jax.random.split(key)
+        x0 = jax.random.normal(k_init, state_shape)
+        if method == "sde":
+            sc = s.config.sample
+            x1 = samplers.sample_sde(v, x0, k_sde, num_steps=num_steps, path=paths.get_path(s.config.flow.path),
+                                     diffusion_form=sc.get("diffusion_form", "sigma"),
+                                     diffusion_norm=sc.get("diffusion_norm", 1.0), last_step=sc.get("last_step", "Mean"))
+        else:
+            x1 = samplers.sample_ode(v, x0, method=method, num_steps=num_steps, shift=shift)
         return tok.unpack(x1.reshape(layout.tokens.shape), layout)
 
     return generate

@@ -132,11 +132,33 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"config.flow.prediction={config.flow.prediction!r}; expected velocity, noise or score")
     if config.optim.get("schedule", "constant") not in ("constant", "cosine"):
         raise ValueError(f"config.optim.schedule={config.optim.schedule!r}; expected 'constant' or 'cosine'")
+    validate_sampling(config.get("sample", None))
     if not 0.0 <= config.ema_decay < 1.0:
         raise ValueError(f"config.ema_decay={config.ema_decay} must be in [0, 1)")
     if config.checkpoint.every_steps <= 0 or config.checkpoint.keep <= 0:
         raise ValueError(f"config.checkpoint.every_steps={config.checkpoint.every_steps} and "
                          f"config.checkpoint.keep={config.checkpoint.keep} must be positive")
+
+
+def validate_sampling(sc) -> None:
+    """`config.sample` (read by `flagdit sample` / `eval`), checked with the rest at train time."""
+    if sc is None:
+        return
+    from flagdit_jax.flow import samplers
+
+    methods = samplers.ODE_METHODS + ("sde",)
+    if sc.method not in methods:
+        raise ValueError(f"config.sample.method={sc.method!r}; expected one of {methods}")
+    if not isinstance(sc.num_steps, int) or sc.num_steps <= 0:
+        raise ValueError(f"config.sample.num_steps={sc.num_steps!r} must be a positive integer")
+    if not float(sc.cfg_scale) >= 0.0:  # also refuses nan
+        raise ValueError(f"config.sample.cfg_scale={sc.cfg_scale!r} must be >= 0 (1 = no guidance)")
+    if not float(sc.get("shift", 1.0)) > 0.0:
+        raise ValueError(f"config.sample.shift={sc.get('shift')!r} must be > 0")
+    if sc.method == "sde" and float(sc.get("shift", 1.0)) != 1.0:
+        raise ValueError(f"config.sample.shift={sc.shift} applies to ODE grids only; method='sde' needs shift=1.0")
+    if int(sc.get("per_class", 1)) <= 0:
+        raise ValueError(f"config.sample.per_class={sc.per_class!r} must be positive")
 
 
 # ------------------------------------------------------------------------------------------------

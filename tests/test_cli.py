@@ -90,6 +90,9 @@ def test_train_sample_eval_smoke(tmp_path):
                      "--config.model.dim=32", "--config.model.n_layers=1"]) == 0
     assert cli.main(["sample", "--workdir", wd, "--config.sample.num_steps=2", "--config.sample.per_class=1"]) == 0
     assert (tmp_path / "run" / "samples_3.png").stat().st_size > 0
+    # SDE sampling (SiT's Euler–Maruyama) from the command line.
+    assert cli.main(["sample", "--workdir", wd, "--config.sample.method=sde", "--config.sample.num_steps=3",
+                     "--config.sample.per_class=1"]) == 0
     assert cli.main(["eval", "--workdir", wd, "--config.sample.num_steps=2", "--config.eval.num_samples=20",
                      "--config.eval.batch=20", "--config.eval.classifier_steps=20"]) == 0
     rep = json.loads((tmp_path / "run" / "eval_3.json").read_text())

@@ -99,6 +99,9 @@ def test_grad_accumulation_matches_full_batch(batches, single_device):
         ("--config.global_batch=12", r"config.global_batch=12 .*divisible by the data axes data\*fsdp=8"),
         ("--config.nonexistent_key=1", "nonexistent_key"),
         ("--config.model.n_heads=3", "n_heads=3 must divide dim=128"),
+        ("--config.sample.method=foo", r"config.sample.method='foo'; expected one of .*'dopri5', 'sde'"),
+        ("--config.task=joint", r"config.task='joint'; expected one of \('class_label', 'caption'\)"),
+        ("--config.task=caption", r"config.task='caption' needs captioned data"),
     ],
 )
 def test_bad_config_exits_before_any_work(tmp_path, override, match):

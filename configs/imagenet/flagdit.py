@@ -25,6 +25,7 @@ def get_config(arg: str = "600m"):
     c.total_steps = 900_000  # the README's FID is reported at 900K steps (REFERENCE.md §7)
     c.global_batch = 256
     c.grad_accum_steps = 1
+    c.task = "class_label"  # flagdit_jax/tasks.py: labels -> null class w.p. model.class_dropout_prob
 
     preset = registry.PRESETS[f"flagdit-{arg}"]
     c.model = ml_collections.ConfigDict(dict(
