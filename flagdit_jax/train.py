@@ -118,9 +118,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"config.data.buckets={buckets}; expected positive token lengths, or () for one bucket per "
                          "length in the data")
     name = tasks.task_name(config, cfg)
-    if name == "caption" and config.data.name not in ("mnist_captions", "latents"):
+    if name == "caption" and config.data.name not in pipeline.CAPTIONED_SOURCES:
         raise ValueError(f"config.task='caption' needs captioned data; config.data.name={config.data.name!r} has none "
-                         "(e.g. 'mnist_captions')")
+                         f"(expected one of {pipeline.CAPTIONED_SOURCES})")
     if not 0.0 <= float(config.get("caption_dropout", 0.1)) < 1.0:
         raise ValueError(f"config.caption_dropout={config.caption_dropout} must be in [0, 1)")
     if config.data.channels != cfg.in_channels:

@@ -34,6 +34,8 @@ import numpy as np
 import grain
 
 SOURCES = ("mnist", "mnist_captions", "imagenet", "latents")
+# Sources whose elements carry caption embeddings + masks and that give null_caption() (the caption task).
+CAPTIONED_SOURCES = ("mnist_captions",)
 
 
 def get_source(name: str, split: str = "train", **kwargs):
