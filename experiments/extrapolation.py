@@ -24,32 +24,31 @@ import numpy as np
 from flagdit_jax import checkpoint, sample, tokens as tok
 from flagdit_jax.eval import classifier, mnist_eval
 from flagdit_jax.flow import samplers
+from flagdit_jax.models.common import InferenceOptions as Opts
 
-# name -> (side, model options). s = 2 (side ratio), base sequence length = tokens at 32x32.
+# name -> (side, model options, time shift). s = 2 (side ratio), base sequence length = tokens at 32x32.
 VARIANTS = {
-    "train size 32": (32, {}),
-    "64, plain": (64, {}),
-    "64, PI": (64, dict(pi_factor=2.0)),
-    "64, NTK": (64, dict(ntk_factor=2.0)),
-    "64, time-aware switch (code, watershed 0.3)": (64, dict(scale_factor=2.0, scale_watershed=0.3)),
-    "64, time-aware switch + prop. attn + shift 4": (64, dict(scale_factor=2.0, scale_watershed=0.3,
-                                                             base_seqlen=64, _shift=4.0)),
-    "64, paper time-aware": (64, dict(rope_scaling="time_aware", scale_factor=2.0)),
-    "64, paper frequency-aware": (64, dict(rope_scaling="frequency_aware", scale_factor=2.0, rope_train_len=8)),
-    "64, paper time-aware + prop. attn": (64, dict(rope_scaling="time_aware", scale_factor=2.0, base_seqlen=64)),
+    "train size 32": (32, Opts(), 1.0),
+    "64, plain": (64, Opts(), 1.0),
+    "64, PI": (64, Opts(pi_factor=2.0), 1.0),
+    "64, NTK": (64, Opts(ntk_factor=2.0), 1.0),
+    "64, time-aware switch (code, watershed 0.3)": (64, Opts(scale_factor=2.0, scale_watershed=0.3), 1.0),
+    "64, time-aware switch + prop. attn + shift 4": (64, Opts(scale_factor=2.0, scale_watershed=0.3, base_seqlen=64),
+                                                     4.0),
+    "64, paper time-aware": (64, Opts(rope_scaling="time_aware", scale_factor=2.0), 1.0),
+    "64, paper frequency-aware": (64, Opts(rope_scaling="frequency_aware", scale_factor=2.0, rope_train_len=8), 1.0),
+    "64, paper time-aware + prop. attn": (64, Opts(rope_scaling="time_aware", scale_factor=2.0, base_seqlen=64), 1.0),
 }
 
 
-def generator(s, side, n, opts, *, method, num_steps, cfg_scale):
+def generator(s, side, n, opts, shift, *, method, num_steps, cfg_scale):
     cfg = s.model_cfg
-    opts = dict(opts)
-    shift = opts.pop("_shift", 1.0)
-    pair = tok.pack(jnp.zeros((2 * n, 1, side, side, 1)), cfg.patch_size, nextline=cfg.nextline)
-    single = tok.pack(jnp.zeros((n, 1, side, side, 1)), cfg.patch_size, nextline=cfg.nextline)
+    pair = tok.pack_for(cfg, jnp.zeros((2 * n, 1, side, side, 1)))
+    single = tok.pack_for(cfg, jnp.zeros((n, 1, side, side, 1)))
 
     @jax.jit
     def gen(params, labels, key):
-        model_fn = lambda x, t, y: s.model.apply({"params": params}, pair.replace(tokens=x), t, y=y, **opts)
+        model_fn = lambda x, t, y: s.model.apply({"params": params}, pair.replace(tokens=x), t, y=y, options=opts)
         v = samplers.guided_velocity_fn(model_fn, labels, jnp.full_like(labels, cfg.num_classes), cfg_scale)
         x1 = samplers.sample_ode(v, jax.random.normal(key, single.tokens.shape), method=method,
                                  num_steps=num_steps, shift=shift)
@@ -72,11 +71,11 @@ def main():
     params, s, step = sample.load_params(config, workdir, use_ema=sc.use_ema)
     labels = np.arange(args.num) % s.model_cfg.num_classes
     results = {}
-    for name, (side, opts) in VARIANTS.items():
+    for name, (side, opts, shift) in VARIANTS.items():
         if args.only and name not in args.only:
             continue
         t0 = time.time()
-        gen = generator(s, side, args.batch, opts, method=sc.method, num_steps=sc.num_steps, cfg_scale=sc.cfg_scale)
+        gen = generator(s, side, args.batch, opts, shift, method=sc.method, num_steps=sc.num_steps, cfg_scale=sc.cfg_scale)
         imgs = np.concatenate([np.asarray(gen(params, jnp.asarray(labels[i:i + args.batch], jnp.int32),
                                               jax.random.fold_in(jax.random.key(config.seed + 1), i)))
                                for i in range(0, args.num, args.batch)])

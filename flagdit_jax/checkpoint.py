@@ -1,12 +1,12 @@
 """Orbax checkpoints of model parameters plus the model config (all checkpoint code lives here).
 
 A converted or trained model is a directory: `params/` (Orbax StandardCheckpointer) and
-`model.json` (the backbone kind and its config fields), so `load_params` can rebuild the model.
+`model.json` (the backbone kind and its config fields, `models.registry.config_to_dict`), so
+`load_params` can rebuild the model through the registry's kind table.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import pathlib
@@ -17,24 +17,6 @@ import jax
 import orbax.checkpoint as ocp
 
 from flagdit_jax.models import registry
-from flagdit_jax.models.dit import DiTConfig
-from flagdit_jax.models.flag_dit import FlagDiTConfig
-from flagdit_jax.models.next_dit import NextDiTConfig
-
-# Subclasses before their base: config_to_dict takes the first isinstance match.
-_KINDS = {"nextdit": NextDiTConfig, "flagdit": FlagDiTConfig, "dit": DiTConfig}
-
-
-def config_to_dict(cfg) -> dict:
-    kind = next(k for k, c in _KINDS.items() if isinstance(cfg, c))
-    fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.init}
-    return {"kind": kind, "config": fields}
-
-
-def config_from_dict(d: dict):
-    if d.get("kind") not in _KINDS:
-        raise ValueError(f"model.json kind {d.get('kind')!r}; expected one of {sorted(_KINDS)}")
-    return _KINDS[d["kind"]](**d["config"])
 
 
 def save_params(directory: str | pathlib.Path, params, cfg, *, overwrite: bool = False) -> pathlib.Path:
@@ -46,7 +28,7 @@ def save_params(directory: str | pathlib.Path, params, cfg, *, overwrite: bool =
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(directory / "params", params, force=overwrite)
         ckptr.wait_until_finished()
-    (directory / "model.json").write_text(json.dumps(config_to_dict(cfg), indent=1))
+    (directory / "model.json").write_text(json.dumps(registry.config_to_dict(cfg), indent=1))
     return directory
 
 
@@ -56,7 +38,10 @@ def load_params(directory: str | pathlib.Path):
     meta = directory / "model.json"
     if not meta.exists():
         raise FileNotFoundError(f"{meta} not found: not a flagdit_jax parameter checkpoint")
-    cfg = config_from_dict(json.loads(meta.read_text()))
+    try:
+        cfg = registry.config_from_dict(json.loads(meta.read_text()))
+    except ValueError as e:
+        raise ValueError(f"{meta}: {e}") from e
     abstract = nn.unbox(registry.abstract_params(cfg))
     with ocp.StandardCheckpointer() as ckptr:
         params = ckptr.restore(directory / "params", jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),

@@ -22,6 +22,7 @@ from flagdit_jax import checkpoint, cli, tokens as tok  # noqa: E402
 from flagdit_jax.convert import diffusers as conv  # noqa: E402
 from flagdit_jax.convert.official import CheckpointMismatch  # noqa: E402
 from flagdit_jax.models import registry  # noqa: E402
+from flagdit_jax.models.common import InferenceOptions  # noqa: E402
 from conftest import assert_parity  # noqa: E402
 
 TINY = dict(sample_size=16, patch_size=2, in_channels=4, hidden_size=64, num_layers=2, num_attention_heads=4,
@@ -92,11 +93,11 @@ def _run_diffusers(model, x, t, cap, mask, *, linear_factor=1.0, ntk_factor=1.0,
 
 
 def _run_ours(module, cfg, params, x, t, cap, mask, **opts):
-    """Our model on the same NCHW input; returns [B, C, H, W]."""
-    packed = tok.pack(jnp.asarray(x.transpose(0, 2, 3, 1))[:, None], cfg.patch_size, nextline=False)
+    """Our model on the same NCHW input with `InferenceOptions(**opts)`; returns [B, C, H, W]."""
+    packed = tok.pack_for(cfg, jnp.asarray(x.transpose(0, 2, 3, 1))[:, None])
     with jax.default_matmul_precision("highest"):
         out = module.apply({"params": params}, packed, jnp.asarray(t), cap_feats=jnp.asarray(cap),
-                           cap_mask=jnp.asarray(mask, bool), **opts)
+                           cap_mask=jnp.asarray(mask, bool), options=InferenceOptions(**opts))
     return np.asarray(tok.unpack(out, packed))[:, 0].transpose(0, 3, 1, 2)
 
 
@@ -249,11 +250,12 @@ def test_load_diffusers_bfloat16_folder(tmp_path):
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), params, expected)
 
 
-@pytest.mark.parametrize("height,width,shift", [(128, 128, 1.0), (128, 192, 3.0)])
+@pytest.mark.parametrize("height,width,shift", [(128, 128, 1.0), (128, 192, 3.0), (96, 128, 1.0)])
 def test_whole_sampling_run_matches_lumina_text2img_pipeline(height, width, shift):
     """diffusers' LuminaPipeline (was LuminaText2ImgPipeline; transformer + FlowMatchEulerDiscreteScheduler, Euler in
     sigma, first-3-channel CFG, proportional attention, RoPE scaled by sqrt(HW)/S with watershed
-    1.0) vs our LuminaNextPipeline with the same latents and caption embeddings."""
+    1.0 at every size) vs our LuminaNextPipeline with the same latents and caption embeddings and
+    diffusers' options (grid='diffusers': N steps; rope_scaling_always: s < 1 scales too)."""
     from diffusers import FlowMatchEulerDiscreteScheduler
     from diffusers.pipelines.lumina.pipeline_lumina import LuminaPipeline as LuminaText2ImgPipeline
 
@@ -283,5 +285,11 @@ def test_whole_sampling_run_matches_lumina_text2img_pipeline(height, width, shif
         got = ours(None, height, width, num_inference_steps=4, guidance_scale=3.0, output_type="latent",
                    latents=jnp.asarray(lat.transpose(0, 2, 3, 1)), prompt_embeds=(cap, cap_mask),
                    negative_prompt_embeds=(neg, neg_mask), method="euler", grid="diffusers", shift=shift,
-                   scaling_watershed=1.0, proportional_attn=True)
+                   scaling_watershed=1.0, rope_scaling_always=True, proportional_attn=True)
     np.testing.assert_allclose(np.asarray(got).transpose(0, 3, 1, 2), ref, atol=1e-4, rtol=1e-5)
+    if height * width < (16 * 8) ** 2:  # below the training size the official code does not scale RoPE
+        official = ours(None, height, width, num_inference_steps=4, guidance_scale=3.0, output_type="latent",
+                        latents=jnp.asarray(lat.transpose(0, 2, 3, 1)), prompt_embeds=(cap, cap_mask),
+                        negative_prompt_embeds=(neg, neg_mask), method="euler", grid="diffusers", shift=shift,
+                        scaling_watershed=1.0, proportional_attn=True)
+        assert not np.allclose(np.asarray(official).transpose(0, 3, 1, 2), ref, atol=1e-3)

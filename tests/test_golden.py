@@ -18,6 +18,7 @@ from flagdit_jax import tokens as tok
 from flagdit_jax.convert import official
 from flagdit_jax.flow.samplers import cfg_combine
 from flagdit_jax.models import registry
+from flagdit_jax.models.common import InferenceOptions
 
 SUPPORTED = {"flagdit_imagenet", "lumina_t2i", "nextdit_imagenet", "lumina_next_t2i"}
 FILES = sorted(GOLDEN_DIR.glob("*.json"))
@@ -43,16 +44,16 @@ class Golden:
             out[p["arg"]] = [self.npz[k] for k in p["list"]] if "list" in p else self.npz[p["key"]]
         return out
 
-    def run(self, x, t, cond, cap_mask=None, capture=False, **opts):
+    def run(self, x, t, cond, cap_mask=None, capture=False, options=None):
         """Official-layout call: x [B, C, H, W] or a list of [C, H, W]; returns the same layout."""
         cfg = self.cfg
         frames = [jnp.asarray(f.transpose(1, 2, 0))[None] for f in x] if isinstance(x, list) else \
             jnp.asarray(x.transpose(0, 2, 3, 1))[:, None]
-        packed = tok.pack(frames, cfg.patch_size, nextline=cfg.nextline)
+        packed = tok.pack_for(cfg, frames)
         kw = dict(cap_feats=jnp.asarray(cond), cap_mask=jnp.asarray(cap_mask)) if cfg.text_conditional else \
             dict(y=jnp.asarray(cond))
         with jax.default_matmul_precision("highest"):
-            out, state = self.model.apply({"params": self.params}, packed, jnp.asarray(t), **kw, **opts,
+            out, state = self.model.apply({"params": self.params}, packed, jnp.asarray(t), **kw, options=options,
                                           mutable=["intermediates"])
         frames_out = tok.unpack(out, packed)
         res = [np.asarray(f[0]).transpose(2, 0, 1) for f in frames_out] if isinstance(x, list) else \
@@ -61,7 +62,7 @@ class Golden:
 
 
 def _options(kwargs):
-    """Official forward_with_cfg keyword arguments -> our model options."""
+    """Official forward_with_cfg keyword arguments -> our `InferenceOptions`."""
     opts = {}
     if "ntk_factor" in kwargs:
         opts["ntk_factor"] = kwargs["ntk_factor"]
@@ -76,7 +77,7 @@ def _options(kwargs):
                              "scale_factor", "scale_watershed"}
     if unknown:
         raise NotImplementedError(f"golden call option(s) {sorted(unknown)} not mapped")
-    return opts
+    return InferenceOptions(**opts)
 
 
 def replay(g, call):
@@ -87,7 +88,7 @@ def replay(g, call):
         return g.run(x, t, cond, cap_mask)
     assert call["fn"] == "forward_with_cfg", call["fn"]
     half = x[: len(x) // 2]
-    out = g.run(np.concatenate([half, half]), t, cond, cap_mask, **_options(call["kwargs"]))
+    out = g.run(np.concatenate([half, half]), t, cond, cap_mask, options=_options(call["kwargs"]))
     # Reference CFG on the first 3 channels (channels-last for cfg_combine); each half keeps its
     # own remaining channels.
     c, u = np.split(out.transpose(0, 2, 3, 1), 2)

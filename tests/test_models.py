@@ -11,6 +11,7 @@ import pytest
 from flagdit_jax import tokens as tok
 from flagdit_jax.models import layers as L
 from flagdit_jax.models import registry
+from flagdit_jax.models.common import InferenceOptions
 from flagdit_jax.models.dit import sincos_2d
 from flagdit_jax.models.flag_dit import FlagDiTConfig
 
@@ -99,10 +100,10 @@ def test_padding_never_changes_real_tokens(t2i):
     cap_mask = jnp.array([[1, 1, 0], [1, 1, 1]], bool)
     t = jnp.array([0.3, 0.7])
 
-    def run(frames, p, **kw):
-        packed = tok.pack(frames, 2, nextline=True)
+    def run(frames, p, options=None):
+        packed = tok.pack_for(cfg, frames)
         out = model.apply({"params": p}, packed, t[: len(frames)], cap_feats=cap[: len(frames)],
-                          cap_mask=cap_mask[: len(frames)], **kw)
+                          cap_mask=cap_mask[: len(frames)], options=options)
         return tok.unpack(out, packed)
 
     alone = run([a], params)[0]
@@ -112,8 +113,8 @@ def test_padding_never_changes_real_tokens(t2i):
     np.testing.assert_allclose(run([a, b], other_pad)[0], alone, atol=1e-5)
     # The same holds under proportional attention (its scale uses the padded length, as the
     # reference does, so compare two padded runs that differ only in the pad content).
-    np.testing.assert_allclose(run([a, b], params, base_seqlen=16)[0], run([a, b], other_pad, base_seqlen=16)[0],
-                               atol=1e-5)
+    prop = InferenceOptions(base_seqlen=16)
+    np.testing.assert_allclose(run([a, b], params, prop)[0], run([a, b], other_pad, prop)[0], atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["flagdit-tiny", "lumina-t2i-tiny", "dit-tiny"])
@@ -200,7 +201,7 @@ def test_bad_preset_and_inputs(t2i):
     with pytest.raises(ValueError, match=r"unknown preset 'flagdit-9b'.*known presets"):
         registry.get_config("flagdit-9b")
     cfg, model, params = t2i
-    packed = tok.pack(jnp.zeros((1, 1, 8, 8, 4)), 2, nextline=True)
+    packed = tok.pack_for(cfg, jnp.zeros((1, 1, 8, 8, 4)))
     with pytest.raises(ValueError, match=r"cap_feats must be \[B=1, S, 32\]"):
         model.apply({"params": params}, packed, jnp.zeros(1), cap_feats=jnp.zeros((1, 3, 7)),
                     cap_mask=jnp.ones((1, 3), bool))
@@ -235,3 +236,90 @@ def test_attention_gradient_matches_autodiff():
     ref = jax.grad(lambda *a: jnp.sum(w * plain(*a)), (0, 1, 2))(q, k, v)
     for a, b in zip(ours, ref):
         np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+# --- the model family's seam: one kind table, sibling configs, one options object ---------------
+
+# model.json files as the code before the kind table wrote them (commit ba8a67f): they must still load.
+_OLD_MODEL_JSON = [
+    '{"kind": "flagdit", "config": {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "patch_size": 2, '
+    '"in_channels": 4, "multiple_of": 256, "ffn_dim_multiplier": null, "norm_eps": 1e-05, "qk_norm": true, '
+    '"learn_sigma": true, "num_classes": 1000, "class_dropout_prob": 0.1, "cap_feat_dim": 0, "nextline": false, '
+    '"nextframe": false, "rope_theta": 10000.0, "dtype": "float32", "param_dtype": "float32", "attention": "xla", '
+    '"remat": "none"}}',
+    '{"kind": "nextdit", "config": {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "patch_size": 2, '
+    '"in_channels": 4, "multiple_of": 256, "ffn_dim_multiplier": null, "norm_eps": 1e-05, "qk_norm": true, '
+    '"learn_sigma": true, "num_classes": 0, "class_dropout_prob": 0.1, "cap_feat_dim": 32, "nextline": false, '
+    '"nextframe": false, "rope_theta": 10000.0, "dtype": "float32", "param_dtype": "float32", "attention": "xla", '
+    '"remat": "none", "pre_norm_affine": true, "final_shift": false, "rope_axes": 2}}',
+    '{"kind": "dit", "config": {"dim": 64, "n_layers": 2, "n_heads": 4, "patch_size": 2, "in_channels": 4, '
+    '"input_size": 16, "mlp_ratio": 4.0, "num_classes": 1000, "class_dropout_prob": 0.1, "learn_sigma": true, '
+    '"dtype": "float32", "param_dtype": "float32", "attention": "xla", "remat": "none"}}',
+]
+
+
+def test_kind_table_builds_and_round_trips_every_preset():
+    import json
+
+    from flagdit_jax.models.common import ModelConfig
+    from flagdit_jax.models.next_dit import NextDiTConfig
+
+    assert not issubclass(NextDiTConfig, FlagDiTConfig) and not issubclass(FlagDiTConfig, NextDiTConfig)
+    for name, cfg in registry.PRESETS.items():
+        config_cls, module_cls = registry.MODEL_KINDS[cfg.kind]
+        assert type(cfg) is config_cls and isinstance(cfg, ModelConfig), name
+        assert type(registry.build(name)) is module_cls, name
+        saved = json.loads(json.dumps(registry.config_to_dict(cfg)))  # through JSON, as model.json
+        assert saved["kind"] == cfg.kind and registry.config_from_dict(saved) == cfg, name
+    # Same fields, different kinds: never equal (a saved config cannot come back as the other kind).
+    fields = dict(dim=64, n_layers=2, n_heads=4, num_classes=10)
+    assert FlagDiTConfig(**fields) != NextDiTConfig(**fields)
+    for text, preset in zip(_OLD_MODEL_JSON, ["flagdit-tiny", "lumina-next-tiny", "dit-tiny"]):
+        assert registry.config_from_dict(json.loads(text)) == registry.get_config(preset)
+    with pytest.raises(ValueError, match=r"unknown model kind 'joint'; expected one of \['dit', 'flagdit', 'nextdit'\]"):
+        registry.config_from_dict({"kind": "joint", "config": {}})
+    with pytest.raises(ValueError, match=r"unknown NextDiTConfig field\(s\) \['bogus'\]"):
+        registry.config_from_dict({"kind": "nextdit", "config": {"bogus": 1}})
+    with pytest.raises(ValueError, match="expected a model config"):
+        registry.build(dict(dim=64))
+
+
+def test_options_are_one_hashable_value_validated_up_front():
+    a, b = InferenceOptions(ntk_factor=2, base_seqlen=16), InferenceOptions(ntk_factor=2.0, base_seqlen=16)
+    assert a == b and hash(a) == hash(b) and a != InferenceOptions()
+    for kwargs, match in [(dict(ntk_factor=0.0), "ntk_factor=0.0 must be a positive number"),
+                          (dict(base_seqlen=1), "base_seqlen=1 must be an integer >= 2"),
+                          (dict(scale_watershed=1.5), r"scale_watershed=1.5 must be a time in \[0, 1\]"),
+                          (dict(rope_scaling="yarn"), "rope_scaling='yarn'"),
+                          (dict(rope_scaling="frequency_aware", scale_factor=2.0), "needs rope_train_len"),
+                          (dict(context_drop=0), "context_drop=0 must be an integer >= 1")]:
+        with pytest.raises(ValueError, match=match):
+            InferenceOptions(**kwargs)
+
+
+@pytest.mark.parametrize("name, bad", [("flagdit-tiny", "scale_factor=2.0"), ("dit-tiny", "ntk_factor=2.0")])
+def test_models_refuse_options_they_do_not_have(name, bad):
+    """An option a backbone cannot apply is an error naming it, never silently ignored."""
+    cfg = registry.get_config(name)
+    model = registry.build(cfg)
+    packed, t, kw = registry.example_inputs(cfg)
+    params = model.init(jax.random.key(0), packed, t, **kw)["params"]
+    key, value = bad.split("=")
+    with pytest.raises(ValueError, match=rf"does not support the inference option\(s\) {bad}"):
+        model.apply({"params": params}, packed, t, **kw, options=InferenceOptions(**{key: float(value)}))
+    with pytest.raises(ValueError, match="options must be a models.common.InferenceOptions"):
+        model.apply({"params": params}, packed, t, **kw, options={"ntk_factor": 2.0})
+
+
+def test_flagdit_options_are_rope_and_proportional_attention(t2i):
+    """Default options are the plain call; each Flag-DiT option reaches the network (their values
+    are checked against the official model by the golden replay's forward_with_cfg calls)."""
+    cfg, model, params = t2i
+    params = randomize(params, jax.random.key(7))
+    packed, t, kw = registry.example_inputs(cfg, batch=1, size=8)
+    packed = packed.replace(tokens=jax.random.normal(jax.random.key(8), packed.tokens.shape))
+    run = lambda o=None: np.asarray(model.apply({"params": params}, packed, jnp.full((1,), 0.4), **kw, options=o))
+    base = run()
+    np.testing.assert_array_equal(run(InferenceOptions()), base)
+    for o in (InferenceOptions(ntk_factor=3.0), InferenceOptions(pi_factor=2.0), InferenceOptions(base_seqlen=9)):
+        assert not np.allclose(run(o), base, atol=1e-4), o

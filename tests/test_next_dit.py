@@ -10,7 +10,8 @@ import pytest
 from flagdit_jax import tokens as tok
 from flagdit_jax.models import layers as L
 from flagdit_jax.models import registry
-from flagdit_jax.models.flag_dit import pool_keys_values
+from flagdit_jax.models.common import InferenceOptions
+from flagdit_jax.models.layers import pool_keys_values
 
 
 def test_time_aware_scaling_limits():
@@ -41,8 +42,7 @@ def test_frequency_aware_scaling_is_pi_past_the_training_wavelength():
 def next_model():
     cfg = registry.get_config("lumina-next-tiny")
     model = registry.build(cfg)
-    packed = tok.pack(jnp.asarray(np.random.default_rng(1).standard_normal((2, 1, 16, 24, 4)), jnp.float32), 2,
-                      nextline=False)
+    packed = tok.pack_for(cfg, jnp.asarray(np.random.default_rng(1).standard_normal((2, 1, 16, 24, 4)), jnp.float32))
     rng = np.random.default_rng(2)
     kw = dict(cap_feats=jnp.asarray(rng.standard_normal((2, 5, 32)), jnp.float32),
               cap_mask=jnp.asarray([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], bool))
@@ -55,7 +55,8 @@ def next_model():
 
 def test_paper_scalings_run_and_differ(next_model):
     model, params, packed, kw = next_model
-    run = lambda **o: np.asarray(model.apply({"params": params}, packed, jnp.full((2,), 0.5), **kw, **o))
+    run = lambda **o: np.asarray(model.apply({"params": params}, packed, jnp.full((2,), 0.5), **kw,
+                                             options=InferenceOptions(**o)))
     base = run()
     ta = run(rope_scaling="time_aware", scale_factor=2.0)
     fa = run(rope_scaling="frequency_aware", scale_factor=2.0, rope_train_len=8)
@@ -64,6 +65,9 @@ def test_paper_scalings_run_and_differ(next_model):
     np.testing.assert_allclose(run(rope_scaling="time_aware", scale_factor=1.0), base, atol=1e-5)  # s=1: no-op
     with pytest.raises(ValueError, match="rope_train_len"):
         run(rope_scaling="frequency_aware", scale_factor=2.0)
+    # The watershed switch with the official default watershed 1.0 is PI at every t < 1.
+    np.testing.assert_array_equal(run(scale_factor=2.0), run(pi_factor=2.0))
+    np.testing.assert_array_equal(run(scale_factor=2.0, scale_watershed=0.5), run(ntk_factor=2.0))  # t=0.5: NTK
 
 
 def test_pool_keys_values_groups_r_by_r_patches():
@@ -77,7 +81,8 @@ def test_pool_keys_values_groups_r_by_r_patches():
 
 def test_context_drop_is_time_aware(next_model):
     model, params, packed, kw = next_model
-    run = lambda t, **o: np.asarray(model.apply({"params": params}, packed, jnp.full((2,), t), **kw, **o))
+    run = lambda t, **o: np.asarray(model.apply({"params": params}, packed, jnp.full((2,), t), **kw,
+                                                options=InferenceOptions(**o)))
     for t in (0.2, 0.8):
         full, drop = run(t), run(t, context_drop=2)
         assert not np.allclose(full, drop)  # pooling keys changes the output...
@@ -85,9 +90,9 @@ def test_context_drop_is_time_aware(next_model):
         timed = run(t, context_drop=2, context_drop_until=0.5)
         np.testing.assert_allclose(timed, drop if t < 0.5 else full, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(run(0.3, context_drop=1), run(0.3), atol=0)
-    mixed = tok.pack([jnp.zeros((1, 16, 16, 4)), jnp.zeros((1, 8, 8, 4))], 2, nextline=False)
+    mixed = tok.pack_for(model.cfg, [jnp.zeros((1, 16, 16, 4)), jnp.zeros((1, 8, 8, 4))])
     with pytest.raises(ValueError, match="context_drop needs one latent size"):
-        model.apply({"params": params}, mixed, jnp.zeros(2), **kw, context_drop=2)
+        model.apply({"params": params}, mixed, jnp.zeros(2), **kw, options=InferenceOptions(context_drop=2))
     with pytest.raises(ValueError, match="must divide the token grid"):
         run(0.3, context_drop=5)
 
@@ -98,7 +103,7 @@ def test_video_frames_with_2d_and_3d_rope(rope_axes):
     cfg = registry.get_config("nextdit-tiny", dim=96, n_heads=4, n_kv_heads=None, rope_axes=rope_axes)
     model = registry.build(cfg)
     frame = np.random.default_rng(0).standard_normal((1, 1, 8, 8, 4)).astype(np.float32)
-    packed = tok.pack(jnp.asarray(np.concatenate([frame, frame], 1)), 2, nextline=False)
+    packed = tok.pack_for(cfg, jnp.asarray(np.concatenate([frame, frame], 1)))
     params = model.init(jax.random.key(0), packed, jnp.zeros(1), y=jnp.zeros(1, jnp.int32))["params"]
     leaves, tree = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.key(1), len(leaves))

@@ -19,6 +19,7 @@ import numpy as np
 from flagdit_jax import tokens as tok
 from flagdit_jax.flow import samplers
 from flagdit_jax.models import registry
+from flagdit_jax.models.common import InferenceOptions
 
 
 def timeit(fn, iters):
@@ -43,15 +44,16 @@ def main():
     cfg = registry.get_config("lumina-next-tiny", dim=args.dim, n_layers=args.layers, n_heads=args.heads,
                               n_kv_heads=args.heads // 2)
     model = registry.build(cfg)
-    packed = tok.pack(jnp.asarray(np.random.default_rng(0).standard_normal((1, 1, args.side, args.side, 4)),
-                                  jnp.float32), 2, nextline=False)
+    packed = tok.pack_for(cfg, jnp.asarray(np.random.default_rng(0).standard_normal((1, 1, args.side, args.side, 4)),
+                                           jnp.float32))
     kw = dict(cap_feats=jnp.ones((1, 8, cfg.cap_feat_dim)), cap_mask=jnp.ones((1, 8), bool))
     params = model.init(jax.random.key(0), packed, jnp.zeros(1), **kw)["params"]
     L = packed.tokens.shape[1]
     print(f"Next-DiT dim {args.dim}, {args.layers} layers, {args.heads} heads, {L} tokens, batch 1, "
           f"{jax.devices()[0].platform}")
 
-    fwd = jax.jit(lambda p, x, t, r: model.apply({"params": p}, x, t, **kw, context_drop=r), static_argnums=3)
+    fwd = jax.jit(lambda p, x, t, r: model.apply({"params": p}, x, t, **kw, options=InferenceOptions(context_drop=r)),
+                  static_argnums=3)
     base = None
     for r in (1, 2, 4):
         sec = timeit(lambda: fwd(params, packed, jnp.full((1,), 0.1), r), args.iters)
@@ -61,7 +63,7 @@ def main():
     def run(r, until):
         def v(x, t):
             return model.apply({"params": params}, packed.replace(tokens=x), jnp.full((1,), t), **kw,
-                               context_drop=r, context_drop_until=until)
+                               options=InferenceOptions(context_drop=r, context_drop_until=until))
         return samplers.sample_ode(v, packed.tokens, method="euler", num_steps=args.steps)
 
     full = jax.jit(lambda: run(1, None))

@@ -57,7 +57,7 @@ def bench_jax(args):
     model = registry.build(cfg)
     key = jax.random.key(0)
     frames = jax.random.normal(key, (args.batch, 1, 32, 32, cfg.in_channels))
-    packed = tok.pack(frames, cfg.patch_size, nextline=cfg.nextline)
+    packed = tok.pack_for(cfg, frames)
     y = jnp.arange(args.batch, dtype=jnp.int32) % 1000
     t = jnp.full((args.batch,), 0.5)
     params = model.init({"params": key, "dropout": key}, packed, t, y=y)["params"]

@@ -7,8 +7,8 @@ Conventions, checked by tests/test_diffusers.py: the diffusers transformer takes
 ours (t=0 noise, t=1 data; `LuminaText2ImgPipeline` feeds it 1 - sigma and negates the velocity for
 its scheduler) and returns all `2C` learned-sigma channels as `[B, 2C, H, W]`, while ours keeps
 the first `C`. Its RoPE table from `get_2d_rotary_pos_embed_lumina(hd, 384, 384, linear_factor,
-ntk_factor)` is our `pi_factor=linear_factor, ntk_factor=ntk_factor`, and
-`cross_attention_kwargs={"base_sequence_length": n}` is our `base_seqlen=n`.
+ntk_factor)` is our `InferenceOptions(pi_factor=linear_factor, ntk_factor=ntk_factor)`, and
+`cross_attention_kwargs={"base_sequence_length": n}` is our `InferenceOptions(base_seqlen=n)`.
 
 diffusers stores the shared query twice (the cross-attention's `attn2.to_q` / `attn2.norm_q`
 copy the self-attention's); our model has one query, so the copies must be equal.
@@ -29,6 +29,7 @@ from flagdit_jax.convert.official import _first, _patch_embed, _patch_unembed, r
 from flagdit_jax.models import registry
 from flagdit_jax.models.next_dit import NextDiTConfig
 
+KIND = "nextdit"  # the model kind (models.registry.MODEL_KINDS) that diffusers' layout describes
 CLASS_NAME = "LuminaNextDiT2DModel"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 # `LuminaNextDiT2DModel.__init__` defaults, for config.json files that leave a field out. Two do not
@@ -70,7 +71,12 @@ def config_from_diffusers(config: Mapping[str, Any], **overrides) -> NextDiTConf
         nextline=False, pre_norm_affine=True, final_shift=False,
     )
     kw.update(overrides)
-    return NextDiTConfig(**kw)
+    return registry.config_class(KIND)(**kw)
+
+
+def _require_next_dit(cfg) -> None:
+    if registry.kind_of(cfg) != KIND:
+        raise ValueError(f"{CLASS_NAME} is a Next-DiT; got a {type(cfg).__name__} (kind {cfg.kind!r})")
 
 
 def _table(cfg: NextDiTConfig) -> list[tuple[str, str, str]]:
@@ -167,6 +173,7 @@ def params_from_diffusers(state_dict: Mapping[str, Any], cfg: NextDiTConfig, *, 
         cross-attention query copy (`attn2.to_q`, `attn2.norm_q`) that differs from the
         self-attention's, which our shared-query model cannot represent.
     """
+    _require_next_dit(cfg)
     table, copies = _table(cfg), _copies(cfg)
     expected = _expected_shapes(cfg)
     sd = {k: np.asarray(v, dtype=dtype) for k, v in state_dict.items()}
@@ -205,6 +212,7 @@ def params_to_diffusers(params: Mapping[str, Any], cfg: NextDiTConfig) -> dict[s
     Raises:
       CheckpointMismatch: if the tree's paths or shapes do not match `cfg`.
     """
+    _require_next_dit(cfg)
     flat = {"/".join(k): np.asarray(v) for k, v in flax.traverse_util.flatten_dict(nn.unbox(dict(params))).items()}
     expected = _expected_shapes(cfg)
     extra, missing = sorted(set(flat) - set(expected)), sorted(set(expected) - set(flat))
@@ -225,6 +233,7 @@ def config_to_diffusers(cfg: NextDiTConfig, *, sample_size: int = 128) -> dict[s
       ValueError: for a config diffusers cannot express (class-conditional, [nextline],
         parameter-free pre-norms, a final shift, or 3-axis RoPE).
     """
+    _require_next_dit(cfg)
     bad = {k: getattr(cfg, k) for k, ok in (("num_classes", 0), ("nextline", False), ("nextframe", False),
                                             ("pre_norm_affine", True), ("final_shift", False), ("rope_axes", 2))
            if getattr(cfg, k) != ok}

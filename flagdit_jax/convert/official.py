@@ -2,8 +2,9 @@
 
 `config_from_official(args, state_dict)` maps the official constructor arguments (a dict, the
 `argparse.Namespace` saved as `model_args.pth`, or the `config` block of a golden file) to a
-`FlagDiTConfig`; `params_from_state_dict(state_dict, cfg)` maps official keys (numpy arrays) to our
-parameter tree and refuses a checkpoint whose keys or shapes do not match, naming the first few.
+`FlagDiTConfig` or `NextDiTConfig` (the registry's config class of the detected kind);
+`params_from_state_dict(state_dict, cfg)` maps official keys (numpy arrays) to our parameter tree
+and refuses a checkpoint whose keys or shapes do not match, naming the first few.
 """
 
 from __future__ import annotations
@@ -19,8 +20,7 @@ import jax
 import numpy as np
 
 from flagdit_jax.models import registry
-from flagdit_jax.models.flag_dit import FlagDiTConfig
-from flagdit_jax.models.next_dit import NextDiTConfig
+from flagdit_jax.models.common import LuminaConfig
 
 # Official model constructors (LT `*/models/model.py: DiT_Llama_*_patch2`) -> trunk sizes.
 OFFICIAL_MODELS = {
@@ -33,7 +33,7 @@ OFFICIAL_MODELS = {
     "NextDiT_2B_patch2": dict(dim=2304, n_layers=24, n_heads=32, patch_size=2),
     "NextDiT_2B_GQA_patch2": dict(dim=2304, n_layers=24, n_heads=32, n_kv_heads=8, patch_size=2),
 }
-ARCHS = ("auto", "flagdit", "nextdit")
+ARCHS = ("auto", "flagdit", "nextdit")  # 'auto' or a model kind of models.registry.MODEL_KINDS
 _CONSTRUCTOR_KEYS = (
     "dim", "n_layers", "n_heads", "n_kv_heads", "patch_size", "in_channels", "multiple_of", "ffn_dim_multiplier",
     "norm_eps", "qk_norm", "learn_sigma", "num_classes", "class_dropout_prob", "cap_feat_dim",
@@ -67,7 +67,7 @@ def detect_arch(args: Any, state_dict: Mapping[str, np.ndarray] | None) -> str:
 
 
 def config_from_official(args: Any, state_dict: Mapping[str, np.ndarray] | None = None, *, arch: str = "auto",
-                         **overrides) -> FlagDiTConfig:
+                         **overrides) -> LuminaConfig:
     """Official constructor arguments -> `FlagDiTConfig` or `NextDiTConfig`.
 
     Args:
@@ -113,14 +113,14 @@ def config_from_official(args: Any, state_dict: Mapping[str, np.ndarray] | None 
         final = sd.get("final_layer.adaLN_modulation.1.weight")
         kw["final_shift"] = final.shape[0] == 2 * kw["dim"] if final is not None else not text
     kw.update(overrides)
-    return (NextDiTConfig if arch == "nextdit" else FlagDiTConfig)(**kw)
+    return registry.config_class(arch)(**kw)
 
 
 def _t(w):  # torch Linear weight [out, in] -> kernel [in, out]
     return np.asarray(w).T
 
 
-def _patch_embed(cfg: FlagDiTConfig) -> Callable:
+def _patch_embed(cfg: LuminaConfig) -> Callable:
     """x_embedder.weight [d, C*p*p] in (C, ph, pw) order -> kernel [p*p*C, d] in (ph, pw, C) order."""
     p, c = cfg.patch_size, cfg.in_channels
 
@@ -131,7 +131,7 @@ def _patch_embed(cfg: FlagDiTConfig) -> Callable:
     return fn
 
 
-def _patch_unembed(cfg: FlagDiTConfig) -> Callable:
+def _patch_unembed(cfg: LuminaConfig) -> Callable:
     """Inverse of `_patch_embed`: kernel [p*p*C, d] in (ph, pw, C) -> weight [d, C*p*p] in (C, ph, pw)."""
     p, c = cfg.patch_size, cfg.in_channels
 
@@ -142,7 +142,7 @@ def _patch_unembed(cfg: FlagDiTConfig) -> Callable:
     return fn
 
 
-def _rules(cfg: FlagDiTConfig):
+def _rules(cfg: LuminaConfig):
     """(official key regex, our path template, transform) in match order."""
     same = np.asarray
     return [
@@ -171,12 +171,12 @@ def _rules(cfg: FlagDiTConfig):
     ]
 
 
-def _norm_rules(cfg: FlagDiTConfig):
+def _norm_rules(cfg: LuminaConfig):
     """Block RMSNorm weights. Next-DiT: ours are `*_norm1` (pre) and `*_norm2` (post); the ImageNet
     file names its post-norms `attention_norm` / `ffn_norm` (its pre-norms have no weights)."""
     same = np.asarray
     rules = [(r"layers\.(\d+)\.(attention_y_norm)\.weight", r"layers_\1/\2/scale", same)]
-    if not isinstance(cfg, NextDiTConfig):
+    if cfg.kind != "nextdit":
         return rules + [(r"layers\.(\d+)\.(attention_norm|ffn_norm)\.weight", r"layers_\1/\2/scale", same)]
     rules.append((r"layers\.(\d+)\.(attention_norm|ffn_norm)([12])\.weight", r"layers_\1/\2\3/scale", same))
     if not cfg.pre_norm_affine:
@@ -197,7 +197,7 @@ def raise_mismatch(header: str, problems: list[tuple[str, list]]) -> None:
         raise CheckpointMismatch(f"{header}: " + "; ".join(parts))
 
 
-def params_from_state_dict(state_dict: Mapping[str, Any], cfg: FlagDiTConfig, *, dtype=np.float32) -> dict:
+def params_from_state_dict(state_dict: Mapping[str, Any], cfg: LuminaConfig, *, dtype=np.float32) -> dict:
     """Official state dict (numpy-convertible arrays under official keys) -> our params tree.
 
     Raises:
@@ -231,7 +231,7 @@ def params_from_state_dict(state_dict: Mapping[str, Any], cfg: FlagDiTConfig, *,
     return jax.tree.map(np.asarray, tree)
 
 
-def state_dict_from_params(params: Mapping[str, Any], cfg: FlagDiTConfig) -> dict[str, np.ndarray]:
+def state_dict_from_params(params: Mapping[str, Any], cfg: LuminaConfig) -> dict[str, np.ndarray]:
     """Our params -> an official state dict (numpy, official keys and layouts); the inverse of
     `params_from_state_dict` (round trip exact, tests/test_golden.py), for handing weights back
     to the PyTorch code."""
@@ -239,7 +239,7 @@ def state_dict_from_params(params: Mapping[str, Any], cfg: FlagDiTConfig) -> dic
                (r"adaLN_modulation/linear/", "adaLN_modulation/1/"), (r"^cap_embedder/norm/", "cap_embedder/0/"),
                (r"^cap_embedder/linear/", "cap_embedder/1/"), (r"/embedding_table$", "/embedding_table/weight"),
                (r"/scale$", "/weight")]
-    if isinstance(cfg, NextDiTConfig) and not cfg.pre_norm_affine:  # ImageNet Next-DiT names its post-norms
+    if cfg.kind == "nextdit" and not cfg.pre_norm_affine:  # ImageNet Next-DiT names its post-norms
         renames.append((r"/(attention_norm|ffn_norm)2/", r"/\1/"))
     out = {}
     for path, value in flax.traverse_util.flatten_dict(dict(params), sep="/").items():

@@ -14,57 +14,32 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from flagdit_jax.models import common
 from flagdit_jax.models import layers as L
-from flagdit_jax.models.flag_dit import FinalLayer, check_inputs, drop_sigma_channels, embed_tokens, has_pads
 
 
 @dataclasses.dataclass(frozen=True)
-class DiTConfig:
+class DiTConfig(common.ModelConfig):
+    """DiT's constructor arguments: the family's base fields plus the MLP ratio and the latent side
+    of its fixed position table. Class-conditional only, no [nextline] / [nextframe]."""
+
+    kind = "dit"
+
     dim: int = 1152
     n_layers: int = 28
     n_heads: int = 16
-    patch_size: int = 2
-    in_channels: int = 4
     input_size: int = 32
     mlp_ratio: float = 4.0
-    num_classes: int = 1000
-    class_dropout_prob: float = 0.1
-    learn_sigma: bool = True
-    dtype: str = "float32"
-    param_dtype: str = "float32"
-    attention: str = "xla"
-    # Activation rematerialisation of each block: 'none', 'full' (save nothing) or 'dots'
-    # (save matmul outputs without batch dims), see layers.remat_block.
-    remat: str = "none"
-    # Fixed by the architecture; present so tokens/model checks treat every backbone alike.
+    # Fixed by the architecture: not constructor arguments.
     nextline: bool = dataclasses.field(default=False, init=False)
     nextframe: bool = dataclasses.field(default=False, init=False)
     cap_feat_dim: int = dataclasses.field(default=0, init=False)
 
-    def __post_init__(self):
-        for name in ("dim", "n_layers", "n_heads", "patch_size", "in_channels", "num_classes"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.dim % self.n_heads:
-            raise ValueError(f"n_heads={self.n_heads} must divide dim={self.dim}")
+    def _check(self) -> None:
         if self.dim % 4:
             raise ValueError(f"dim={self.dim} must be divisible by 4 for the 2-D sin-cos embedding")
-        if self.attention not in L.ATTENTION_IMPLEMENTATIONS:
-            raise ValueError(f"attention={self.attention!r}; expected one of {L.ATTENTION_IMPLEMENTATIONS}")
-        if isinstance(self.remat, bool):  # older configs: remat=True/False
-            object.__setattr__(self, "remat", "full" if self.remat else "none")
-        if self.remat not in L.REMAT_POLICIES:
-            raise ValueError(f"remat={self.remat!r}; expected one of {tuple(L.REMAT_POLICIES)}")
-
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_heads
-
-    @property
-    def out_channels(self) -> int:
-        return 2 * self.in_channels if self.learn_sigma else self.in_channels
-
-    text_conditional = False
+        if self.mlp_ratio <= 0:
+            raise ValueError(f"mlp_ratio={self.mlp_ratio} must be positive")
 
 
 def sincos_2d(positions: jax.Array, dim: int) -> jax.Array:
@@ -109,30 +84,32 @@ class DiTBlock(nn.Module):
 
 
 class DiT(nn.Module):
-    """DiT over a packed sequence (no [nextline]); same call signature as `FlagDiT`.
+    """DiT over a packed sequence (no [nextline]); the call of every backbone,
+    `__call__(packed, t, y, *, options=None, train=False, force_drop=None) -> [B, L, p*p*C]`.
 
-    Returns `[B, L, p*p*C]` velocities. RoPE options are accepted and ignored (APE model).
+    An APE model: no inference option applies (a non-default `options` is refused).
     """
 
     cfg: DiTConfig
 
     @nn.compact
-    def __call__(self, packed, t, y=None, cap_feats=None, cap_mask=None, *, ntk_factor=1.0, pi_factor=1.0,
-                 base_seqlen=None, train=False, force_drop=None):
+    def __call__(self, packed, t, y=None, cap_feats=None, cap_mask=None, *, options=None, train=False,
+                 force_drop=None):
         cfg = self.cfg
-        check_inputs(cfg, packed, t, y, cap_feats, cap_mask)
+        common.resolve_options(options, (), "DiT")
+        common.check_inputs(cfg, packed, t, y, cap_feats, cap_mask)
         dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-        x = embed_tokens(self, packed, cfg.dim, {}, dtype, pdtype)
+        x = common.embed_tokens(self, packed, cfg.dim, {}, dtype, pdtype)
         x = x + sincos_2d(packed.positions[..., 1:], cfg.dim).astype(x.dtype)
         self.sow("intermediates", "out:embedded", x)
         c = L.TimestepEmbedder(cfg.dim, name="t_embedder", dtype=dtype, param_dtype=pdtype)(t)
         c = c + L.LabelEmbedder(cfg.num_classes, cfg.dim, cfg.class_dropout_prob, name="y_embedder",
                                 param_dtype=pdtype)(y, train=train, force_drop=force_drop).astype(c.dtype)
-        mask = packed.mask if has_pads(packed) else None
+        mask = packed.mask if common.has_pads(packed) else None
         block = L.remat_block(DiTBlock, cfg.remat)
         for i in range(cfg.n_layers):
             x = block(cfg, name=f"blocks_{i}")(x, c, mask)
             self.sow("intermediates", f"out:blocks_{i}", x)
-        out = FinalLayer(cfg.dim, cfg.patch_size**2 * cfg.out_channels, name="final_layer", dtype=dtype,
-                         param_dtype=pdtype)(x, c).astype(jnp.float32)
-        return drop_sigma_channels(out, cfg.patch_size, cfg.in_channels) if cfg.learn_sigma else out
+        out = L.FinalLayer(cfg.dim, cfg.patch_size**2 * cfg.out_channels, name="final_layer", dtype=dtype,
+                           param_dtype=pdtype)(x, c).astype(jnp.float32)
+        return L.drop_sigma_channels(out, cfg.patch_size, cfg.in_channels) if cfg.learn_sigma else out

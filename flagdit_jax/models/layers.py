@@ -456,3 +456,114 @@ class AdaLNModulation(nn.Module):
         # batch-sharded model gives wrong results under SPMD (tests/test_sharding.py).
         mod = constrain(mod, ("activation_batch", "activation_mod"))
         return jnp.split(mod, self.n, axis=-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Blocks shared by the backbones (Flag-DiT, Next-DiT, DiT)
+# ----------------------------------------------------------------------------------------------
+
+
+class Attention(nn.Module):
+    """Lumina attention: self-attention with full-width QK LayerNorm and RoPE; optional zero-init
+    gated cross-attention to text that shares the (normed, rotated) query and is added per head,
+    scaled by tanh(gate), before the shared output projection (REFERENCE.md §1; Next-DiT uses it
+    unchanged, §5).
+
+    `cfg` is a Lumina model config (`dim`, `n_heads`, `kv_heads`, `head_dim`, `qk_norm`, `dtype`,
+    `param_dtype`, `attention`).
+    """
+
+    cfg: Any
+
+    @nn.compact
+    def __call__(self, x, angles, mask, y=None, y_mask=None, *, scale=None, kv_pool=None):
+        """x `[B, L, dim]`, angles `[B, L, head_dim/2]`, mask `[B, L]` or None, y `[B, S, cap_dim]` and
+        y_mask `[B, S]` (cross-attention) or None -> `[B, L, dim]`.
+
+        scale: self-attention softmax scale (None = 1/sqrt(head_dim); proportional attention).
+        kv_pool: None, or `(grid, pred)` for context drop: grid = (T, H/p, W/p, r) static, pred a
+        traced bool (pool while True; None = always). See `pool_keys_values`.
+        """
+        cfg = self.cfg
+        b, l, _ = x.shape
+        h, hkv, hd = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
+        xq = Dense(h * hd, ("embed", "heads"), name="wq", **kw)(x)
+        xk = Dense(hkv * hd, ("embed", "kv_heads"), name="wk", **kw)(x)
+        xv = Dense(hkv * hd, ("embed", "kv_heads"), name="wv", **kw)(x)
+        if cfg.qk_norm:
+            xq = LayerNorm(1e-5, name="q_norm", **kw)(xq)
+            xk = LayerNorm(1e-5, name="k_norm", **kw)(xk)
+
+        def heads(z, n):  # [B, L, n*hd] -> [B, n, L, hd]
+            return z.reshape(b, -1, n, hd).transpose(0, 2, 1, 3)
+
+        q = apply_rope(heads(xq, h), angles)
+        k = apply_rope(heads(xk, hkv), angles)
+        v = heads(xv, hkv)
+        q = constrain(q, ("activation_batch", "activation_heads", "activation_length", "activation_kv"))
+        full = lambda: dot_product_attention(q, k, v, key_mask=mask, scale=scale, implementation=cfg.attention)
+        if kv_pool is None:
+            out = full()
+        else:
+            grid, pred = kv_pool
+            pooled = lambda: dot_product_attention(q, pool_keys_values(k, grid), pool_keys_values(v, grid),
+                                                   scale=scale, implementation=cfg.attention)
+            out = pooled() if pred is None else jax.lax.cond(pred, pooled, full)
+        if y is not None:
+            yk = Dense(hkv * hd, ("caption", "kv_heads"), name="wk_y", **kw)(y)
+            if cfg.qk_norm:
+                yk = LayerNorm(1e-5, name="ky_norm", **kw)(yk)
+            yv = Dense(hkv * hd, ("caption", "kv_heads"), name="wv_y", **kw)(y)
+            out_y = dot_product_attention(q, heads(yk, hkv), heads(yv, hkv), key_mask=y_mask,
+                                          implementation=cfg.attention)
+            gate = self.param("gate", nn.with_logical_partitioning(zeros, ("heads_gate",)), (h,), kw["param_dtype"])
+            out = out + jnp.tanh(gate.astype(out.dtype))[None, :, None, None] * out_y
+        out = out.transpose(0, 2, 1, 3).reshape(b, l, h * hd)
+        return Dense(cfg.dim, ("heads", "embed"), name="wo", **kw)(out)
+
+
+def pool_keys_values(z: jax.Array, grid: tuple[int, int, int, int]) -> jax.Array:
+    """Context drop (Lumina-Next, REFERENCE.md §4): average-pool keys or values over r x r patches.
+
+    `z [B, H, T*h*w, hd]` laid out frame by frame, row by row (no [nextline] / [PAD]) ->
+    `[B, H, T*(h/r)*(w/r), hd]`. Queries keep every token; keys are pooled after RoPE, so each
+    merged key carries the mean of its r*r rotated keys.
+    """
+    t, h, w, r = grid
+    b, n, l, d = z.shape
+    if l != t * h * w or h % r or w % r:
+        raise ValueError(f"context drop needs a full {t}x{h}x{w} token grid divisible by r={r}, got length {l}")
+    z = z.reshape(b, n, t, h // r, r, w // r, r, d).mean(axis=(4, 6), dtype=jnp.float32).astype(z.dtype)
+    return z.reshape(b, n, -1, d)
+
+
+class FinalLayer(nn.Module):
+    """LayerNorm(no affine, eps 1e-6) -> adaLN (shift, scale; or scale only) -> Linear(d -> p*p*out),
+    zero-init (REFERENCE.md §1, §5): `[B, L, d], [B, a] -> [B, L, out_features]`."""
+
+    dim: int
+    out_features: int
+    use_shift: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, c):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        if self.use_shift:
+            shift, scale = AdaLNModulation(self.dim, 2, name="adaLN_modulation", **kw)(c)
+        else:
+            shift, (scale,) = None, AdaLNModulation(self.dim, 1, name="adaLN_modulation", **kw)(c)
+        x = modulate(LayerNorm(1e-6, use_affine=False, name="norm_final", **kw)(x), shift, scale)
+        return Dense(self.out_features, ("embed", "out_patch"), use_bias=True, kernel_init=zeros,
+                     name="linear", **kw)(x)
+
+
+def drop_sigma_channels(out: jax.Array, patch_size: int, in_channels: int) -> jax.Array:
+    """`[B, L, p*p*2C] -> [B, L, p*p*C]`: keep the predicted channels, drop learn_sigma's unused half.
+
+    The output patch order is (ph, pw, C_out) (REFERENCE.md §1), so the cut is per patch pixel.
+    """
+    b, l, _ = out.shape
+    return out.reshape(b, l, patch_size * patch_size, -1)[..., :in_channels].reshape(b, l, -1)

@@ -4,7 +4,8 @@ Differences from Flag-DiT (REFERENCE.md §5; LT `Next-DiT-ImageNet/models/models
 LT `lumina_next_t2i/models/model.py`): 2-D RoPE over (row, col) with the interleaved frequency
 layout (3-D with the frame axis for video), no [nextline], sandwich normalisation (RMSNorm before
 and after each sub-layer), scale-only modulation with tanh gates, GQA. Attention (QK LayerNorm,
-cross-attention with the shared query, per-head tanh gate) is Flag-DiT's module unchanged.
+cross-attention with the shared query, per-head tanh gate) is the family's `layers.Attention`
+unchanged.
 
 Parameter names are ours and the same for both variants: `attention_norm1` / `ffn_norm1` (pre),
 `attention_norm2` / `ffn_norm2` (post). The official ImageNet file calls its post-norms
@@ -20,34 +21,32 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from flagdit_jax.models import common
 from flagdit_jax.models import layers as L
-from flagdit_jax.models.flag_dit import (Attention, FinalLayer, FlagDiTConfig, check_inputs, drop_sigma_channels,
-                                         embed_inputs, has_pads)
 
 
 @dataclasses.dataclass(frozen=True)
-class NextDiTConfig(FlagDiTConfig):
-    """Flag-DiT's fields plus the Next-DiT switches.
+class NextDiTConfig(common.LuminaConfig):
+    """The Lumina trunk fields (`common.LuminaConfig`, shared with Flag-DiT) plus the Next-DiT switches.
 
     pre_norm_affine: learnable pre-norms (T2I) or parameter-free ones (ImageNet Next-DiT).
     final_shift: the final adaLN has shift and scale (ImageNet) or scale only (T2I).
     rope_axes: 2 = (row, col) as the released code; 3 = (frame, row, col) for video / multi-view.
     """
 
+    kind = "nextdit"
+
     pre_norm_affine: bool = True
     final_shift: bool = False
     rope_axes: int = 2
 
-    def __post_init__(self):
-        super().__post_init__()
+    def _check(self) -> None:
+        super()._check()
         if self.rope_axes not in (2, 3):
             raise ValueError(f"rope_axes={self.rope_axes}; expected 2 (row, col) or 3 (frame, row, col)")
         if self.head_dim % (2 * self.rope_axes):
             raise ValueError(f"head_dim={self.head_dim} must be divisible by 2*rope_axes={2 * self.rope_axes} "
                              "for the interleaved multi-axis RoPE")
-
-
-ROPE_SCALINGS = ("watershed", "frequency_aware", "time_aware")
 
 
 def time_aware_rope(t: jax.Array, scale_factor: float, watershed: float) -> tuple[jax.Array, jax.Array]:
@@ -76,7 +75,7 @@ class NextDiTBlock(nn.Module):
         pre = dict(eps=cfg.norm_eps, use_scale=cfg.pre_norm_affine, **kw)
         if y is not None:
             y = L.RMSNorm(cfg.norm_eps, name="attention_y_norm", **kw)(y)
-        a = Attention(cfg, name="attention")(
+        a = L.Attention(cfg, name="attention")(
             L.modulate(L.RMSNorm(name="attention_norm1", **pre)(x), None, scale_msa), angles, mask, y, y_mask,
             scale=scale, kv_pool=kv_pool)
         x = x + jnp.tanh(gate_msa)[:, None] * L.RMSNorm(cfg.norm_eps, name="attention_norm2", **kw)(a)
@@ -89,80 +88,70 @@ class NextDiTBlock(nn.Module):
 class NextDiT(nn.Module):
     """Next-DiT over a packed token sequence.
 
-    `__call__(packed, t, y=None, cap_feats=None, cap_mask=None, *, ntk_factor, pi_factor,
-    scale_factor, scale_watershed, base_seqlen, train, force_drop)` returns the velocity sequence
-    `[B, L, p*p*C]`; unpack it with `tokens.unpack`.
+    `__call__(packed, t, y=None, cap_feats=None, cap_mask=None, *, options=None, train=False,
+    force_drop=None)` returns the velocity sequence `[B, L, p*p*C]`; unpack it with `tokens.unpack`.
 
     Args:
-      packed: `tokens.Packed` (no [nextline] unless the config asks for it).
+      packed: `tokens.Packed` (`tokens.pack_for(cfg, frames)`; no [nextline] unless the config asks).
       t: `[B]` times in [0, 1] (t=0 noise, t=1 data).
       y: `[B]` int class labels (ImageNet variant; id num_classes = null class).
       cap_feats, cap_mask: `[B, S, cap_feat_dim]` caption features and `[B, S]` mask (T2I).
-      ntk_factor, pi_factor: fixed RoPE scaling (theta * ntk, positions / pi), scalars or `[B]`;
-        the ImageNet `forward_with_cfg(rope_scaling_factor=pi, ntk_factor=ntk)` options.
-      scale_factor, scale_watershed: Lumina-Next's time-aware switch as the released code
-        (`time_aware_rope`); when `scale_watershed` is None, `scale_factor` is unused.
-      rope_scaling: 'watershed' (the code's switch above, default), or the paper's continuous
-        'frequency_aware' / 'time_aware' forms (`layers.scaled_rope_factor`) with s = scale_factor.
-      rope_train_len: tokens per side at the training resolution (frequency-aware only).
-      base_seqlen: proportional attention with this base length for self-attention.
-      context_drop: r > 1 average-pools self-attention keys/values over r x r patches (Lumina-Next's
-        Context Drop; queries keep all tokens). Needs one latent size per batch, no [PAD].
-      context_drop_until: time-aware context drop: pool only while t < this (t=0 is noise, where
-        the paper drops most); None pools at every t. Decided per call from t[0] (`lax.cond`: only
-        one branch runs), like the time-aware RoPE switch; samplers call with one t per batch.
-      train: enables label dropout (rng 'dropout').
+      options: `common.InferenceOptions`, every field: fixed RoPE scaling (ntk_factor, pi_factor: the
+        ImageNet `forward_with_cfg(ntk_factor=, rope_scaling_factor=)`), Lumina-Next's extrapolation
+        RoPE (scale_factor with the watershed switch of the released code, or the paper's
+        frequency-/time-aware forms), proportional attention (base_seqlen) and context drop. The
+        watershed switch and time-aware context drop decide per call from the batch's t (context
+        drop from t[0], through `lax.cond` so only one branch runs); samplers call with one t.
+      train: enables label dropout (rng 'dropout'); force_drop: `[B]` bool, null label where True.
     """
 
     cfg: NextDiTConfig
 
     @nn.compact
-    def __call__(self, packed, t, y=None, cap_feats=None, cap_mask=None, *, ntk_factor=1.0, pi_factor=1.0,
-                 scale_factor=1.0, scale_watershed=None, rope_scaling="watershed", rope_train_len=None,
-                 base_seqlen=None, context_drop=1, context_drop_until=None, train=False, force_drop=None):
+    def __call__(self, packed, t, y=None, cap_feats=None, cap_mask=None, *, options=None, train=False,
+                 force_drop=None):
         cfg = self.cfg
-        check_inputs(cfg, packed, t, y, cap_feats, cap_mask)
+        opts = common.resolve_options(options, tuple(f.name for f in dataclasses.fields(common.InferenceOptions)),
+                                      "Next-DiT")
+        common.check_inputs(cfg, packed, t, y, cap_feats, cap_mask)
         dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-        x, c, cap_feats = embed_inputs(self, cfg, packed, t, y, cap_feats, cap_mask, train, force_drop)
+        x, c, cap_feats = common.embed_inputs(self, cfg, packed, t, y, cap_feats, cap_mask, train, force_drop)
 
-        if rope_scaling not in ROPE_SCALINGS:
-            raise ValueError(f"rope_scaling={rope_scaling!r}; expected one of {ROPE_SCALINGS}")
-        freq_factor = None
-        if rope_scaling == "watershed" and scale_watershed is not None:
-            ntk_t, pi_t = time_aware_rope(t, scale_factor, scale_watershed)
-            ntk_factor, pi_factor = ntk_t * jnp.asarray(ntk_factor), pi_t * jnp.asarray(pi_factor)
-        elif rope_scaling == "frequency_aware":
-            if not rope_train_len or rope_train_len <= 2 * math.pi:
-                raise ValueError(f"rope_scaling='frequency_aware' needs rope_train_len > 2*pi tokens per side, "
-                                 f"got {rope_train_len!r}")
-            d_star = cfg.head_dim * math.log(rope_train_len / (2 * math.pi), cfg.rope_theta)
-            freq_factor = L.scaled_rope_factor(cfg.head_dim, cfg.rope_axes, scale_factor, d_star)
-        elif rope_scaling == "time_aware":
-            d_star = (cfg.head_dim - 1) * t.astype(jnp.float32) + 1.0  # [B]
-            freq_factor = L.scaled_rope_factor(cfg.head_dim, cfg.rope_axes, scale_factor, d_star)
+        ntk_factor, pi_factor, freq_factor = opts.ntk_factor, opts.pi_factor, None
+        if opts.scale_factor != 1.0:  # s = 1 scales nothing under every rule
+            if opts.rope_scaling == "watershed":
+                ntk_t, pi_t = time_aware_rope(t, opts.scale_factor, opts.scale_watershed)
+                ntk_factor, pi_factor = ntk_t * ntk_factor, pi_t * pi_factor
+            elif opts.rope_scaling == "frequency_aware":
+                d_star = cfg.head_dim * math.log(opts.rope_train_len / (2 * math.pi), cfg.rope_theta)
+                freq_factor = L.scaled_rope_factor(cfg.head_dim, cfg.rope_axes, opts.scale_factor, d_star)
+            else:  # time_aware
+                d_star = (cfg.head_dim - 1) * t.astype(jnp.float32) + 1.0  # [B]
+                freq_factor = L.scaled_rope_factor(cfg.head_dim, cfg.rope_axes, opts.scale_factor, d_star)
         # (row, col) positions of each token (pads repeat the last real one: masked anyway).
         positions = packed.positions[..., 3 - cfg.rope_axes:]
         angles = L.rope_angles(positions, cfg.head_dim, theta=cfg.rope_theta, ntk_factor=ntk_factor,
                                pi_factor=pi_factor, freq_factor=freq_factor)
         seq_len = packed.tokens.shape[1]
-        scale = None if base_seqlen is None else L.proportional_scale(seq_len, base_seqlen, cfg.head_dim)
-        mask = packed.mask if has_pads(packed) else None
+        scale = None if opts.base_seqlen is None else L.proportional_scale(seq_len, opts.base_seqlen, cfg.head_dim)
+        mask = packed.mask if common.has_pads(packed) else None
         kv_pool = None
-        if context_drop != 1:
+        if opts.context_drop != 1:
             if mask is not None or cfg.nextline or cfg.nextframe or len(set(packed.grid_sizes)) != 1:
                 raise ValueError("context_drop needs one latent size per batch and no [PAD]/[nextline]/[nextframe] "
                                  f"tokens; got sizes {sorted(set(packed.shapes))}")
-            grid = packed.grid_sizes[0] + (int(context_drop),)
+            grid = packed.grid_sizes[0] + (opts.context_drop,)
             if grid[1] % grid[3] or grid[2] % grid[3]:
-                raise ValueError(f"context_drop={context_drop} must divide the token grid {grid[1]}x{grid[2]}")
-            kv_pool = (grid, None if context_drop_until is None else t[0] < context_drop_until)
+                raise ValueError(f"context_drop={opts.context_drop} must divide the token grid {grid[1]}x{grid[2]}")
+            until = opts.context_drop_until
+            kv_pool = (grid, None if until is None else t[0] < until)
         block = L.remat_block(NextDiTBlock, cfg.remat)
         x = L.constrain(x, ("activation_batch", "activation_length", "activation_embed"))
         for i in range(cfg.n_layers):
             x = block(cfg, name=f"layers_{i}")(x, c, angles, mask, cap_feats, cap_mask, scale=scale, kv_pool=kv_pool)
             self.sow("intermediates", f"out:layers_{i}", x)
-        out = FinalLayer(cfg.dim, cfg.patch_size**2 * cfg.out_channels, use_shift=cfg.final_shift,
-                         name="final_layer", dtype=dtype, param_dtype=pdtype)(x, c)
+        out = L.FinalLayer(cfg.dim, cfg.patch_size**2 * cfg.out_channels, use_shift=cfg.final_shift,
+                           name="final_layer", dtype=dtype, param_dtype=pdtype)(x, c)
         self.sow("intermediates", "out:final_layer", out)
         out = out.astype(jnp.float32)
-        return drop_sigma_channels(out, cfg.patch_size, cfg.in_channels) if cfg.learn_sigma else out
+        return L.drop_sigma_channels(out, cfg.patch_size, cfg.in_channels) if cfg.learn_sigma else out

@@ -1,4 +1,5 @@
-"""Size presets for every backbone and `build(name_or_config)`.
+"""The model family's one table (`MODEL_KINDS`: kind -> (config class, module class)), size
+presets, `build(name_or_config)` and config (de)serialisation for checkpoints and converters.
 
 Sizes are REFERENCE.md §2 (from the official constructors). `python -m flagdit_jax.models.registry`
 prints the table with parameter counts from `jax.eval_shape` (no memory is allocated).
@@ -14,9 +15,48 @@ import jax
 import jax.numpy as jnp
 
 from flagdit_jax import tokens as tok
+from flagdit_jax.models.common import ModelConfig
 from flagdit_jax.models.dit import DiT, DiTConfig
 from flagdit_jax.models.flag_dit import FlagDiT, FlagDiTConfig
 from flagdit_jax.models.next_dit import NextDiT, NextDiTConfig
+
+# kind -> (config class, module class): what build, checkpoints and converters look up.
+MODEL_KINDS: dict[str, tuple[type[ModelConfig], type[nn.Module]]] = {
+    cls.kind: (cls, module) for cls, module in ((FlagDiTConfig, FlagDiT), (NextDiTConfig, NextDiT), (DiTConfig, DiT))
+}
+
+
+def config_class(kind: str) -> type[ModelConfig]:
+    """The config class of a model kind ('flagdit', 'nextdit', 'dit')."""
+    if kind not in MODEL_KINDS:
+        raise ValueError(f"unknown model kind {kind!r}; expected one of {sorted(MODEL_KINDS)}")
+    return MODEL_KINDS[kind][0]
+
+
+def kind_of(cfg) -> str:
+    """The kind of a model config; refuses anything that is not exactly a config class of the table."""
+    kind = getattr(type(cfg), "kind", None)
+    if kind not in MODEL_KINDS or MODEL_KINDS[kind][0] is not type(cfg):
+        raise ValueError(f"expected a model config of a kind in {sorted(MODEL_KINDS)}, got {type(cfg).__name__}")
+    return kind
+
+
+def config_to_dict(cfg: ModelConfig) -> dict:
+    """`{"kind": ..., "config": {constructor fields}}` (JSON-ready; the checkpoint's model.json)."""
+    fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.init}
+    return {"kind": kind_of(cfg), "config": fields}
+
+
+def config_from_dict(d: dict) -> ModelConfig:
+    """Inverse of `config_to_dict`; a ValueError names an unknown kind or field."""
+    if not isinstance(d, dict) or "config" not in d:
+        raise ValueError(f"expected {{'kind': ..., 'config': {{...}}}}, got {d!r:.200}")
+    cls = config_class(d.get("kind"))
+    known = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(d["config"]) - known)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; known: {sorted(known)}")
+    return cls(**d["config"])
 
 _IMAGENET = dict(num_classes=1000, class_dropout_prob=0.1, qk_norm=True)
 _T2I = dict(num_classes=0, nextline=True, qk_norm=True)
@@ -25,7 +65,7 @@ _NEXT_IMAGENET = dict(_IMAGENET, pre_norm_affine=False, final_shift=True)
 # Lumina-Next T2I: learnable pre-norms, scale-only final adaLN, Gemma-2B features (y_dim 2048), [PAD].
 _NEXT_T2I = dict(num_classes=0, qk_norm=True, pre_norm_affine=True, final_shift=False, cap_feat_dim=2048)
 
-PRESETS: dict[str, FlagDiTConfig | DiTConfig] = {
+PRESETS: dict[str, ModelConfig] = {
     # Flag-DiT ImageNet (LT Flag-DiT-ImageNet/models/model.py: DiT_Llama_*_patch2).
     "flagdit-600m": FlagDiTConfig(dim=1536, n_layers=16, n_heads=32, **_IMAGENET),
     "flagdit-3b": FlagDiTConfig(dim=3072, n_layers=32, n_heads=32, **_IMAGENET),
@@ -69,47 +109,39 @@ REFERENCE_PARAMS = {
 }
 
 
-def get_config(name: str, **overrides) -> FlagDiTConfig | DiTConfig:
+def get_config(name: str, **overrides) -> ModelConfig:
     """Preset config by name, with field overrides (e.g. `dtype='bfloat16'`)."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; known presets: {sorted(PRESETS)}")
     return dataclasses.replace(PRESETS[name], **overrides)
 
 
-def build(name_or_config: str | FlagDiTConfig | DiTConfig, **overrides) -> nn.Module:
-    """The Flax module for a preset name or a config."""
+def build(name_or_config: str | ModelConfig, **overrides) -> nn.Module:
+    """The Flax module for a preset name or a config (its kind's module in `MODEL_KINDS`)."""
     cfg = get_config(name_or_config, **overrides) if isinstance(name_or_config, str) else (
         dataclasses.replace(name_or_config, **overrides) if overrides else name_or_config)
-    if isinstance(cfg, NextDiTConfig):  # before FlagDiTConfig: NextDiTConfig extends it
-        return NextDiT(cfg)
-    if isinstance(cfg, FlagDiTConfig):
-        return FlagDiT(cfg)
-    if isinstance(cfg, DiTConfig):
-        return DiT(cfg)
-    raise ValueError(f"expected a preset name or a model config, got {type(cfg).__name__}")
+    return MODEL_KINDS[kind_of(cfg)][1](cfg)
 
 
-def example_inputs(cfg: FlagDiTConfig | DiTConfig, batch: int = 1, size: int = 8, cap_len: int = 4):
+def example_inputs(cfg: ModelConfig, batch: int = 1, size: int = 8, cap_len: int = 4):
     """Small dummy inputs `(packed, t, kwargs)` of the right kinds for `init` / `eval_shape`."""
-    frames = jnp.zeros((batch, 1, size, size, cfg.in_channels))
-    packed = tok.pack(frames, cfg.patch_size, nextline=getattr(cfg, "nextline", False),
-                      nextframe=getattr(cfg, "nextframe", False))
+    packed = tok.pack_for(cfg, jnp.zeros((batch, 1, size, size, cfg.in_channels)))
     t = jnp.zeros((batch,))
-    if getattr(cfg, "cap_feat_dim", 0):
+    if cfg.text_conditional:
         kw = dict(cap_feats=jnp.zeros((batch, cap_len, cfg.cap_feat_dim)), cap_mask=jnp.ones((batch, cap_len), bool))
     else:
         kw = dict(y=jnp.zeros((batch,), jnp.int32))
     return packed, t, kw
 
 
-def abstract_params(cfg: FlagDiTConfig | DiTConfig):
+def abstract_params(cfg: ModelConfig):
     """Parameter shapes (boxed with logical axes) without allocating them."""
     model = build(cfg)
     packed, t, kw = example_inputs(cfg)
     return jax.eval_shape(lambda: model.init(jax.random.key(0), packed, t, **kw))["params"]
 
 
-def count_params(cfg: FlagDiTConfig | DiTConfig) -> int:
+def count_params(cfg: ModelConfig) -> int:
     return sum(math.prod(x.shape) for x in jax.tree.leaves(nn.unbox(abstract_params(cfg))))
 
 
