@@ -3,8 +3,8 @@
 Convention everywhere: t=0 is noise x0 ~ N(0, I), t=1 is data x1 (REFERENCE.md §3).
 """
 
-from flagdit_jax.flow.losses import flow_matching_loss, sample_and_loss
-from flagdit_jax.flow.paths import GVPPath, LinearPath, get_path
+from flagdit_jax.flow.losses import flow_matching_loss, sample_and_loss, train_interval
+from flagdit_jax.flow.paths import GVPPath, LinearPath, VPPath, get_path
 from flagdit_jax.flow.samplers import (
     cfg_combine,
     guided_velocity_fn,
@@ -25,6 +25,7 @@ from flagdit_jax.flow.timesteps import (
 __all__ = [
     "GVPPath",
     "LinearPath",
+    "VPPath",
     "cfg_combine",
     "diffusers_grid",
     "flow_matching_loss",
@@ -40,4 +41,5 @@ __all__ = [
     "sample_uniform",
     "shift_time",
     "time_grid",
+    "train_interval",
 ]

@@ -15,15 +15,16 @@ the noise / score parameterisations only, as in SiT.
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 
-from flagdit_jax.flow.paths import LinearPath, expand_t_like, get_path
+from flagdit_jax.flow.paths import LinearPath, VPPath, expand_t_like, get_path
 from flagdit_jax.flow.timesteps import get_time_sampler
 
-__all__ = ["flow_matching_loss", "sample_and_loss", "PREDICTIONS", "LOSS_WEIGHTS"]
+__all__ = ["flow_matching_loss", "sample_and_loss", "train_interval", "PREDICTIONS", "LOSS_WEIGHTS"]
 
 PREDICTIONS = ("velocity", "noise", "score")
 LOSS_WEIGHTS = (None, "velocity", "likelihood")
@@ -73,7 +74,7 @@ def flow_matching_loss(
       x1: data, [B, ...].
       x0: noise, same shape as x1 (N(0, I) in training).
       t: [B] times in [0, 1] (0 = noise, 1 = data).
-      path: a path from `flow.paths` or its name ('linear' | 'gvp').
+      path: a path from `flow.paths` or its name ('linear' | 'gvp' | 'vp').
       prediction: 'velocity' | 'noise' | 'score' (what model_fn predicts; see module docstring).
       mask: optional validity mask (1 = valid), leading axis = batch, left-aligned and broadcast to
         x1's shape (e.g. [B, L] for x1 [B, L, D]). Per-sample loss = sum(err*mask)/sum(mask); a
@@ -130,6 +131,31 @@ def flow_matching_loss(
     return jnp.mean(per_sample), per_sample
 
 
+def train_interval(path=LinearPath(), prediction: str = "velocity",
+                   train_eps: float | None = None) -> tuple[float, float]:
+    """[t0, t1] that training times are mapped onto: SiT / Lumina `create_transport` defaults and
+    `Transport.check_interval` (transport/__init__.py, transport.py):
+
+      * VP path: train_eps = 1e-5 for every prediction, interval [0, 1 - eps] (d_sigma -> -inf
+        at t=1; t=0 is fine);
+      * linear / GVP, noise or score prediction: eps = 1e-3, interval [eps, 1 - eps];
+      * linear / GVP, velocity prediction: eps = 0, [0, 1] ("stable everywhere").
+    An explicit `train_eps` replaces the default (official velocity + linear/GVP ignores it;
+    here it gives [eps, 1 - eps]).
+
+    Returns:
+      (t0, t1) as Python floats.
+    """
+    path = get_path(path)
+    _check_prediction(prediction, None)
+    is_vp = isinstance(path, VPPath)
+    if train_eps is None:
+        train_eps = 1e-5 if is_vp else (0.0 if prediction == "velocity" else 1e-3)
+    if not (isinstance(train_eps, numbers.Real) and 0.0 <= train_eps < 0.5):
+        raise ValueError(f"train_eps must be a number in [0, 0.5), got {train_eps!r}")
+    return (0.0 if is_vp else float(train_eps)), 1.0 - float(train_eps)
+
+
 def sample_and_loss(
     model_fn: ModelFn,
     x1: jax.Array,
@@ -145,10 +171,11 @@ def sample_and_loss(
     """Draw x0 ~ N(0, I) and t, then `flow_matching_loss`.
 
     Times are drawn on [0, 1] by `time_sampler` (a name for `get_time_sampler` or `fn(key, n)`)
-    and mapped affinely to [train_eps, 1 - train_eps] as SiT/Lumina do. `train_eps` defaults to
-    SiT's `create_transport`: 0 for velocity prediction (linear/GVP are stable everywhere), 1e-3
-    for noise/score prediction. (Lumina skips the interval map for 'shift_<s>'; it only matters
-    for noise/score prediction, which Lumina does not support.)
+    and mapped affinely to `train_interval(path, prediction, train_eps)` as SiT/Lumina do:
+    [train_eps, 1 - train_eps] with train_eps = 0 for velocity prediction (linear/GVP are stable
+    everywhere), 1e-3 for noise/score prediction; [0, 1 - 1e-5] for the VP path. (Lumina skips the
+    interval map for 'shift_<s>'; that matters only where eps > 0: noise/score prediction, which
+    Lumina does not support, and the VP path.)
 
     Args:
       model_fn, x1, path, prediction, mask, loss_weight: as in `flow_matching_loss`.
@@ -162,14 +189,11 @@ def sample_and_loss(
     x1 = jnp.asarray(x1)
     if x1.ndim < 1:
         raise ValueError(f"x1 must have a leading batch axis, got shape {x1.shape}")
-    if train_eps is None:
-        train_eps = 0.0 if prediction == "velocity" else 1e-3
-    if not 0.0 <= train_eps < 0.5:
-        raise ValueError(f"train_eps must be in [0, 0.5), got {train_eps!r}")
+    t0, t1 = train_interval(path, prediction, train_eps)
     k_noise, k_t = jax.random.split(key)
     x0 = jax.random.normal(k_noise, x1.shape, x1.dtype)
     t = sampler(k_t, x1.shape[0])
-    t = train_eps + (1.0 - 2.0 * train_eps) * t
+    t = t0 + (t1 - t0) * t
     loss, per_sample = flow_matching_loss(model_fn, x1, x0, t, path=path, prediction=prediction,
                                           mask=mask, loss_weight=loss_weight)
     return loss, {"per_sample": per_sample, "t": t}

@@ -15,8 +15,10 @@ the official code calls through `odeint`:
   * 'heun'      Heun's 2nd-order trapezoidal method, 2 NFE/step (torchdiffeq `heun2`).
   * 'rk4'       4 NFE/step, the 3/8-rule Runge–Kutta that torchdiffeq's `rk4` uses
                 (`rk4_alt_step_func`), not the classic 1/6-2/6-2/6-1/6 tableau.
-  * 'dopri5'    adaptive Dormand–Prince 5(4) via diffrax with a PID controller (atol 1e-6,
-                rtol 1e-3 as SiT); the grid only sets the saved points.
+  * 'dopri5'    adaptive Dormand–Prince 5(4) via diffrax, step-size control configured to be
+                torchdiffeq's `dopri5` (first step, I-controller, steps past t1 + dense output;
+                see `_integrate_dopri5_impl`), atol 1e-6, rtol 1e-3 as SiT/Lumina; the grid
+                only sets the saved points. Same solution as torchdiffeq to rounding, 1 more NFE.
 
 Jitting: the integrators are `jax.jit`-compiled with `velocity_fn` as a static argument (cached
 by identity). A `velocity_fn` that closes over large concrete arrays (model params) bakes them
@@ -160,16 +162,83 @@ def _integrate_fixed_impl(velocity_fn, method, return_trajectory, x_init, grid):
 _integrate_fixed_jit = jax.jit(_integrate_fixed_impl, static_argnums=(0, 1, 2))
 
 
+def _rms_norm(tree: PyTree) -> jax.Array:
+    """torchdiffeq `_rms_norm` over the whole state: it flattens a tuple state into one vector
+    (`_TupleFunc`), so the mean runs over all elements of all leaves together. At least float32."""
+    leaves = jax.tree.leaves(tree)
+    dtype = jnp.promote_types(jnp.result_type(*leaves), jnp.float32)
+    total = sum(jnp.sum(jnp.square(l.astype(dtype))) for l in leaves)
+    return jnp.sqrt(total / sum(l.size for l in leaves))
+
+
+def _dopri5_first_step(velocity_fn, x_init, t0, direction, rtol, atol):
+    """torchdiffeq `_select_initial_step` (Hairer-Norsett-Wanner II.4) for dopri5: 2 NFE.
+
+    Why our own: diffrax 0.7's automatic dt0 is a constant 0.01 inside `diffeqsolve`, because its
+    `_select_initial_step` only runs for an `ODETerm` and `diffeqsolve` hands it a `WrapTerm`.
+    `direction` (+1/-1) maps a backward solve onto torchdiffeq's `_ReverseFunc` (time -t). The
+    exponent is 1/(order-1+1) = 1/5 for dopri5 (torchdiffeq passes `self.order - 1`).
+    """
+    # Norms in at least float32 (a bf16 state would round atol = 1e-6 + |y| rtol badly).
+    dtype = jnp.promote_types(jnp.result_type(*jax.tree.leaves(x_init)), jnp.float32)
+    scale = jax.tree.map(lambda y: atol + jnp.abs(y.astype(dtype)) * rtol, x_init)
+    ratio = lambda a: jax.tree.map(lambda al, sl: al.astype(dtype) / sl, a, scale)
+    f0 = jax.tree.map(lambda f: direction * f, velocity_fn(x_init, t0))
+    d0, d1 = _rms_norm(ratio(x_init)), _rms_norm(ratio(f0))
+    small = (d0 < 1e-5) | (d1 < 1e-5)
+    h0 = jnp.where(small, 1e-6, 0.01 * d0 / jnp.where(small, 1.0, d1))
+    y1 = jax.tree.map(lambda y, f: (y + h0 * f).astype(y.dtype), x_init, f0)
+    f1 = jax.tree.map(lambda f: direction * f, velocity_fn(y1, t0 + direction * h0.astype(t0.dtype)))
+    d2 = _rms_norm(ratio(jax.tree.map(lambda a, b: a.astype(dtype) - b.astype(dtype), f1, f0))) / h0
+    flat = (d1 <= 1e-15) & (d2 <= 1e-15)
+    h1 = jnp.where(flat, jnp.maximum(1e-6, h0 * 1e-3),
+                   (0.01 / jnp.where(flat, 1.0, jnp.maximum(d1, d2))) ** (1.0 / 5.0))
+    return jnp.minimum(100.0 * h0, h1)
+
+
 def _integrate_dopri5_impl(velocity_fn, rtol, atol, max_steps, save_grid, x_init, t0, t1, ts):
+    """Dormand–Prince 5(4) stepped as torchdiffeq's `dopri5` (`rk_common.py`), through diffrax.
+
+    torchdiffeq's controller, reproduced here (errors agree with torchdiffeq to ~1e-14 in float64):
+      * first step from `_dopri5_first_step` (2 NFE), not diffrax's constant 0.01;
+      * error ratio = RMS over the state of err / (atol + rtol max(|y0|, |y1|)), accept if <= 1
+        (diffrax: < 1; they differ only on an exact tie);
+        next dt = dt * clip(0.9 ratio^(-1/5), 0.2, 10), never shrinking after an accepted step
+        (diffrax's PIDController with pcoeff=0, icoeff=1, factormin 0.2, factormax 10, safety 0.9
+        is exactly `_optimal_step_size` once error_order = 5: torchdiffeq uses 1/order with
+        order 5, diffrax's default error_order for Dopri5 is order + 1 = 6);
+      * steps are not clipped at t1 (nor at the output times): torchdiffeq steps past t1 and
+        evaluates the 4th-order dense output (`_interp_fit` with DPS_C_MID = diffrax's
+        `_Dopri5Interpolation`) at the requested times. Here the solve runs towards a far end
+        `s_far` and an Event stops it after the first step that reaches t1; `SaveAt(ts)` reads the
+        same dense output. The velocity is therefore evaluated past t1 (up to one step), as in
+        the official samplers. `s_far` is beyond any such step: the first step is <= 100 h0
+        (<= 1e-4) or <= h1 <= (0.01 / 1e-5)^(1/5) < 4 and later ones grow at most 10x from a step
+        inside [t0, t1].
+    """
     import diffrax  # local import: only the adaptive path needs it
 
-    term = diffrax.ODETerm(lambda t, y, args: velocity_fn(y, t))
-    saveat = diffrax.SaveAt(ts=ts) if save_grid else diffrax.SaveAt(t1=True)
+    # Solve forward in s = direction * t with the field direction * v(x, direction * s), as
+    # torchdiffeq's `_ReverseFunc` does for a decreasing grid. (diffrax would flip time itself,
+    # but then hands the Event its internal, negated time.)
+    direction = jnp.sign(t1 - t0)
+    s0, s1 = direction * t0, direction * t1
+    dt0 = _dopri5_first_step(velocity_fn, x_init, t0, direction, rtol, atol)
+    s_far = s1 + 10.0 * (s1 - s0) + 4.0
+    term = diffrax.ODETerm(
+        lambda s, y, args: jax.tree.map(lambda v, yl: (direction * v).astype(yl.dtype),
+                                        velocity_fn(y, direction * s), y))
+    reached_t1 = diffrax.Event(lambda s, y, args, **kw: s >= s1)
+    controller = diffrax.PIDController(rtol=rtol, atol=atol, pcoeff=0.0, icoeff=1.0,
+                                       factormin=0.2, factormax=10.0, safety=0.9,
+                                       error_order=5, norm=_rms_norm)
+    saveat = diffrax.SaveAt(ts=direction * (ts if save_grid else jnp.stack([t1])))
     sol = diffrax.diffeqsolve(
-        term, diffrax.Dopri5(), t0, t1, dt0=None, y0=x_init,
-        stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol),
-        saveat=saveat, max_steps=max_steps)
-    ys = sol.ys
+        term, diffrax.Dopri5(), s0, s_far, dt0.astype(jnp.result_type(s0)), x_init,
+        stepsize_controller=controller, saveat=saveat, event=reached_t1, max_steps=max_steps)
+    # The dense output comes back in the time dtype (float32 for a bf16 state): cast back, as the
+    # fixed-step methods keep each leaf's dtype.
+    ys = jax.tree.map(lambda y, x: y.astype(x.dtype), sol.ys, x_init)
     x_final = jax.tree.map(lambda y: y[-1], ys)
     stats = {k: sol.stats[k] for k in ("num_steps", "num_accepted_steps", "num_rejected_steps")}
     return x_final, (ys if save_grid else None), stats
@@ -222,13 +291,16 @@ def sample_ode(
         decreasing grid integrates backwards (data -> noise).
       shift: time-shift factor (REFERENCE.md §4): grid = shift_time(linspace(t0, t1, n+1), shift).
       t0, t1: integration interval.
-      atol, rtol, max_steps: dopri5 tolerances (RMS norm, as torchdiffeq) and step cap.
+      atol, rtol, max_steps: dopri5 tolerances (RMS norm, as torchdiffeq) and step cap. As in
+        torchdiffeq, dopri5 steps past the last grid time (by < 1 step) and interpolates, so
+        velocity_fn must be finite a little beyond t1 (official VP sampling stops at 1 - 1e-3).
       return_trajectory: also return the states at all grid points, each leaf [K, ...].
       return_nfe: also return the number of velocity_fn evaluations. Exact for fixed-step methods
         (a Python int: num_steps * NFE_PER_STEP[method]); for dopri5 an int array equal to
-        6 * (accepted + rejected steps) + 1: diffrax's Dopri5 is FSAL, so each attempted step
-        costs 6 new evaluations, plus one extra for the automatic initial step size (this count
-        is checked against a callback counter in the tests).
+        6 * (accepted + rejected steps) + 3: 2 for the first-step selection, 6 per attempted
+        step (FSAL) and 1 for diffrax's first FSAL stage, which torchdiffeq reuses from the
+        first-step selection (so torchdiffeq's count is ours - 1; both counts are checked in
+        the tests).
     Returns:
       x at the end of the grid (x's structure), then the trajectory and/or nfe if requested, as a
       tuple in that order.
@@ -260,7 +332,7 @@ def sample_ode(
         else:
             x_final, traj, stats = jax.jit(functools.partial(_integrate_dopri5_impl, *args))(
                 x_init, grid[0], grid[-1], grid)
-        nfe = 6 * stats["num_steps"] + 1
+        nfe = 6 * stats["num_steps"] + 3
     else:
         args = (velocity_fn, method, bool(return_trajectory))
         if _maybe_hashable(velocity_fn):
@@ -370,7 +442,8 @@ def sample_sde(
       key: PRNG key for the Brownian increments.
       num_steps: number of SDE steps (positive int).
       path: path or its name (the velocity model's interpolant).
-      diffusion_form, diffusion_norm: w(t); 'SBDM' is singular at t=0 and needs t0 > 0.
+      diffusion_form, diffusion_norm: w(t); 'SBDM' is singular at t=0 for the linear / GVP paths
+        and needs t0 > 0 there (VP: finite, t0=0 as official).
       last_step, last_step_size: see above; 0 < last_step_size < 1 unless last_step is None.
       sampling_method: 'Euler' (Euler–Maruyama) or 'Heun' (SiT's stochastic Heun).
       t0: start time (SiT uses sample_eps, 0 for velocity models).
@@ -400,9 +473,12 @@ def sample_sde(
     t1 = 1.0 - float(last_step_size)
     if not (isinstance(t0, numbers.Real) and 0.0 <= t0 < t1):
         raise ValueError(f"t0 must satisfy 0 <= t0 < 1 - last_step_size = {t1}, got {t0!r}")
-    if form == "SBDM" and t0 == 0.0:
-        raise ValueError("diffusion_form='SBDM' is singular at t=0 (w = (1-t)/t for the linear "
-                         "path); pass t0 > 0, e.g. t0=1e-3 as SiT's sample_eps")
+    # SBDM's w = (d_alpha/alpha) sigma^2 - sigma d_sigma is infinite at t=0 where alpha(0)=0
+    # (linear: (1-t)/t; GVP) but finite for VP (beta/2), which official SiT runs from t0=0.
+    if form == "SBDM" and not np.isfinite(float(path.sbdm_diffusion(float(t0)))):
+        raise ValueError(f"diffusion_form='SBDM' is singular at t0={t0!r} for the {path.name} path "
+                         "(w = (1-t)/t for the linear path); pass t0 > 0, e.g. t0=1e-3 as SiT's "
+                         "sample_eps")
 
     grid = time_grid(num_steps, 1.0, float(t0), t1)
     args = (velocity_fn, path, form, float(diffusion_norm), last_step, sampling_method,
