@@ -51,18 +51,17 @@ class FlowTask:
     prediction: str = "velocity"
     dropout: float = 0.1
 
-    @property
-    def train_eps(self) -> float:
-        # SiT's create_transport: 0 for velocity prediction, 1e-3 for noise / score (REFERENCE.md §3).
-        return 0.0 if self.prediction == "velocity" else 1e-3
-
     def draw(self, key: jax.Array, packed: tok.Packed, cond: dict) -> dict:
-        """`{'x0': [B, L, D] noise, 't': [B] times in [eps, 1-eps], 'drop': [B] bool}` for one global batch."""
+        """`{'x0': [B, L, D] noise, 't': [B] times, 'drop': [B] bool}` for one global batch.
+
+        Times are drawn on [0, 1] and mapped onto the official training interval of the path and
+        prediction (`losses.train_interval`: [0, 1] for velocity on linear / GVP, [0, 1 - 1e-5] on VP).
+        """
         b = packed.tokens.shape[0]
         k_noise, k_t, k_drop = jax.random.split(key, 3)
-        eps = self.train_eps
+        t0, t1 = losses.train_interval(self.path, self.prediction)
         return {"x0": jax.random.normal(k_noise, packed.tokens.shape, packed.tokens.dtype),
-                "t": eps + (1.0 - 2.0 * eps) * timesteps.get_time_sampler(self.time_sampler)(k_t, b),
+                "t": t0 + (t1 - t0) * timesteps.get_time_sampler(self.time_sampler)(k_t, b),
                 "drop": jax.random.uniform(k_drop, (b,)) < self.dropout}
 
     def loss_mask(self, packed: tok.Packed) -> jax.Array:
