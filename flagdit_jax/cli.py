@@ -105,30 +105,83 @@ def _config_command(command: str, argv: list[str]) -> int:
     """train / sample / eval: ml-collections config flags (`--config path.py[:arg]`, `--config.key=value`).
 
     The config is validated before any compile or I/O; sample and eval read the run's config back
-    from the workdir (overrides still apply).
+    from the workdir (overrides still apply). User errors (a bad key or value, a missing or foreign
+    workdir, a checkpoint that does not fit, a stopped run) end as one `error:` line and exit
+    status 1; `--debug` shows the traceback instead.
     """
+    from flagdit_jax import checkpoint
+
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    try:
+        return _run_config_command(command, argv)
+    except (ValueError, OSError, ImportError, checkpoint.TrainingStopped) as e:
+        if debug:
+            raise
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
+        more = " (rerun with --debug for the full message)" if len(lines) > 2 else ""
+        raise SystemExit("error: " + "\n  ".join(lines[:2]) + more) from None
+
+
+def _unknown_key(config, argv: list[str]) -> str | None:
+    """'unknown config key ...; known keys at this level: ...' for the first override naming a key
+    that `config` lacks, else None."""
+    import ml_collections
+
+    for a in argv:
+        if not a.startswith("--config."):
+            continue
+        parts = a[len("--config."):].split("=", 1)[0].split(".")
+        node = config
+        for i, part in enumerate(parts):
+            if not isinstance(node, (ml_collections.ConfigDict, dict)) or part not in node:
+                here = ".".join(["config", *parts[:i]])
+                known = ", ".join(sorted(node.keys())) if isinstance(node, (ml_collections.ConfigDict, dict)) else \
+                    f"none ({here} is {type(node).__name__} {node!r})"
+                return f"unknown config key {'.'.join(['config', *parts[:i + 1]])!r}; known keys at {here}: {known}"
+            node = node[part]
+    return None
+
+
+def _run_config_command(command: str, argv: list[str]) -> int:
     from absl import flags
     from ml_collections import config_flags
 
-    fv = flags.FlagValues()
-    full_argv = [f"flagdit {command}"] + argv  # config_flags reads overrides from here, not sys.argv
-    flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics, samples)", flag_values=fv)
+    def parse(args):
+        fv = flags.FlagValues()
+        full_argv = [f"flagdit {command}"] + args  # config_flags reads overrides from here, not sys.argv
+        flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics, samples)", flag_values=fv)
+        if command == "train":
+            config_flags.DEFINE_config_file("config", None, "config file (configs/*.py[:arg])", flag_values=fv,
+                                            lock_config=True, sys_argv=full_argv)
+        else:
+            config_flags.DEFINE_config_dict("config", checkpoint.read_config(workdir), flag_values=fv,
+                                            lock_config=True, sys_argv=full_argv)
+        fv(full_argv)
+        return fv
+
     workdir = next((a.split("=", 1)[1] for a in argv if a.startswith("--workdir=")), None)
     if workdir is None and "--workdir" in argv and argv.index("--workdir") + 1 < len(argv):
         workdir = argv[argv.index("--workdir") + 1]
-    if command == "train":
-        config_flags.DEFINE_config_file("config", None, "config file (configs/*.py[:arg])", flag_values=fv,
-                                        lock_config=True, sys_argv=full_argv)
-    else:
-        from flagdit_jax import checkpoint
+    from flagdit_jax import checkpoint
 
-        if workdir is None:
-            raise SystemExit(f"error: flagdit {command} needs --workdir")
-        config_flags.DEFINE_config_dict("config", checkpoint.read_config(workdir), flag_values=fv, lock_config=True,
-                                        sys_argv=full_argv)
+    if command != "train" and workdir is None:
+        raise SystemExit(f"error: flagdit {command} needs --workdir")
+    config_file = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    if config_file is None and "--config" in argv and argv.index("--config") + 1 < len(argv):
+        config_file = argv[argv.index("--config") + 1]
+    if command == "train" and config_file and not pathlib.Path(config_file.split(":", 1)[0]).is_file():
+        raise SystemExit(f"error: --config {config_file}: no such file (expected a config such as configs/default.py)")
     try:
-        fv(full_argv)
-    except (flags.Error, KeyError, AttributeError, ValueError, TypeError) as e:
+        fv = parse(argv)
+    except (KeyError, AttributeError) as e:  # an override naming a key the config lacks
+        try:
+            base = parse([a for a in argv if not a.startswith("--config.")]).config
+        except Exception:  # noqa: BLE001 - report the original error below
+            base = None
+        msg = _unknown_key(base, argv) if base is not None else None
+        raise SystemExit(f"error: {msg or e}") from e
+    except (flags.Error, ValueError, TypeError) as e:
         raise SystemExit(f"error: {e}") from e
     if not fv.workdir:
         raise SystemExit(f"error: flagdit {command} needs --workdir")
@@ -160,7 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="flagdit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
     for name in ("train", "sample", "eval"):  # parsed with ml-collections config flags (see above)
-        sub.add_parser(name, help=f"{name} (--config FILE --workdir DIR --config.key=value)", add_help=False)
+        sub.add_parser(name, help=f"{name} (--config FILE --workdir DIR --config.key=value [--debug])",
+                       add_help=False)
 
     c = sub.add_parser("convert", help="official Lumina-T2X checkpoint (.pth / .safetensors) or diffusers "
                                        "LuminaNextDiT2DModel folder -> Orbax checkpoint")

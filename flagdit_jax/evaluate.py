@@ -23,9 +23,10 @@ def run(config, workdir: str | pathlib.Path) -> dict:
 
     workdir = pathlib.Path(workdir)
     t0 = time.time()
-    # Train (or load) the cached feature net first; `report` then reuses it.
-    classifier.load_or_train(workdir, steps=config.eval.get("classifier_steps") or None)
+    # The checkpoint first (a missing or mismatched one fails before any classifier training), then
+    # the cached feature net, which `report` reuses.
     params, s, step = sample.load_params(config, workdir, use_ema=config.sample.use_ema)
+    classifier.load_or_train(workdir, steps=config.eval.get("classifier_steps") or None)
     n = config.eval.num_samples
     labels = np.arange(n) % s.model_cfg.num_classes
     images = sample.generate_images(config, params, s, labels, seed=config.seed + 1, batch=config.eval.batch)

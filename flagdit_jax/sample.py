@@ -5,6 +5,7 @@ The whole sampler (CFG on the doubled batch, the ODE loop) is one jitted computa
 
 from __future__ import annotations
 
+import logging
 import pathlib
 
 import jax
@@ -17,23 +18,45 @@ from flagdit_jax.flow import paths, samplers
 
 
 def load_params(config, workdir: str | pathlib.Path, *, use_ema: bool = True):
-    """Params (EMA by default) of the latest checkpoint in `workdir`, restored onto this host's mesh.
+    """Params (EMA by default) of the newest good checkpoint in `workdir`, restored onto this host's mesh.
 
     Only the one params tree is read (Orbax partial restore), so a checkpoint whose optimizer state
-    differs from `config.optim` (another schedule, another optimizer) still samples.
+    differs from `config.optim` (another schedule, another optimizer) still samples. The manager is
+    read-only (a running `flagdit train` may share the workdir). A checkpoint that cannot be read or
+    fails its checksum is skipped with a warning (nothing is moved); one that does not fit the
+    config's model raises CheckpointMismatch naming the first mismatching parameters.
     """
     s, _ = train.setup(config)
     key = "ema_params" if use_ema else "params"
     abstract = {key: getattr(s.abstract_state, key)}
     restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), abstract)
-    mngr = checkpoint.make_manager(pathlib.Path(workdir) / "checkpoints", every_steps=1, keep=1)
-    step = mngr.latest_step()
-    if step is None:
-        raise FileNotFoundError(f"no checkpoint in {pathlib.Path(workdir) / 'checkpoints'}; run `flagdit train` first")
+    directory = pathlib.Path(workdir).absolute() / "checkpoints"
+    steps = []
+    if directory.is_dir():
+        mngr = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
+        steps = sorted(mngr.all_steps(), reverse=True)
+    if not steps:
+        raise FileNotFoundError(f"no checkpoint in {directory}; run `flagdit train` with --workdir {workdir} first")
     args = ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args, partial_restore=True)
-    params = mngr.restore(step, args=ocp.args.Composite(state=args)).state[key]
-    mngr.close()
-    return params, s, step
+    errors = []
+    try:
+        for step in steps:
+            try:
+                checkpoint.check_fits(directory / str(step), abstract, keys=(key,))
+                params = mngr.restore(step, args=ocp.args.Composite(state=args)).state[key]
+                checkpoint.verify(mngr, step, {key: params})
+                return params, s, step
+            except Exception as e:  # noqa: BLE001 - reported, then the previous checkpoint is tried
+                errors.append(e)
+                logging.warning("checkpoint %s is unreadable (%s: %s); trying the previous one", directory / str(step),
+                                type(e).__name__, checkpoint._first_line(e))
+    finally:
+        mngr.close()
+    mismatch = next((e for e in errors if isinstance(e, checkpoint.CheckpointMismatch)), None)
+    if mismatch is not None:
+        raise mismatch
+    raise OSError(f"no readable checkpoint in {directory} (newest, step {steps[0]}: {type(errors[0]).__name__}: "
+                  f"{checkpoint._first_line(errors[0])})") from errors[0]
 
 
 def make_generator(s: "train.Setup", n: int, shape: tuple[int, int, int] | None = None, *, method: str,

@@ -10,10 +10,14 @@ iterator). What differs between class labels, captions and joint modalities live
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
+import math
 import pathlib
+import signal
+import threading
 import time
 from typing import Any
 
@@ -87,9 +91,13 @@ def mesh_shape(config) -> tuple[int, ...]:
 def validate(config: ml_collections.ConfigDict) -> None:
     """Check the config before any compile or I/O; errors name the key, its value and what fits."""
     for key in ("total_steps", "global_batch", "grad_accum_steps", "log_every_steps"):
-        if int(config[key]) <= 0:
-            raise ValueError(f"config.{key}={config[key]} must be a positive integer")
-    cfg = model_config(config)  # raises on bad model fields
+        _int_at_least(config, key, 1)
+    _int_at_least(config, "seed", 0, below=2**31 - 1)  # seed + 1 seeds the state's key; grain takes < 2**32
+    try:
+        cfg = model_config(config)  # raises on bad model fields
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"config.model: {e}") from e
+    validate_optim(config)
     shape = mesh_shape(config)
     data_ways = shape[0] * shape[1]
     b, a = config.global_batch, config.grad_accum_steps
@@ -110,7 +118,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ValueError("config.data.name='latents' needs config.data.options.data_dir (a folder of "
                          "train-*.array_record shards written by flagdit_jax.data.latents.write_latents) "
                          f"or config.data.options.path_prefix; got options={dict(config.data.get('options', {}))}")
-    if config.data.image_size <= 0 or config.data.image_size % cfg.patch_size:
+    _int_at_least(config.data, "worker_count", 0, prefix="config.data.")
+    if not _is_int(config.data.image_size) or config.data.image_size <= 0 or config.data.image_size % cfg.patch_size:
         raise ValueError(f"config.data.image_size={config.data.image_size} must be a positive multiple of "
                          f"config.model.patch_size={cfg.patch_size}")
     buckets = tuple(config.data.get("buckets", ()) or ())
@@ -126,21 +135,76 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.data.channels != cfg.in_channels:
         raise ValueError(f"config.data.channels={config.data.channels} must equal config.model.in_channels="
                          f"{cfg.in_channels}")
-    paths.get_path(config.flow.path)
-    timesteps.get_time_sampler(config.flow.time_sampler)
+    for key, get in (("path", paths.get_path), ("time_sampler", timesteps.get_time_sampler)):
+        try:
+            get(config.flow[key])
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"config.flow.{key}={config.flow[key]!r}: {e}") from e
     if config.flow.prediction not in ("velocity", "noise", "score"):
         raise ValueError(f"config.flow.prediction={config.flow.prediction!r}; expected velocity, noise or score")
     if config.optim.get("schedule", "constant") not in ("constant", "cosine"):
         raise ValueError(f"config.optim.schedule={config.optim.schedule!r}; expected 'constant' or 'cosine'")
-    validate_sampling(config.get("sample", None))
-    if not 0.0 <= config.ema_decay < 1.0:
-        raise ValueError(f"config.ema_decay={config.ema_decay} must be in [0, 1)")
-    if config.checkpoint.every_steps <= 0 or config.checkpoint.keep <= 0:
-        raise ValueError(f"config.checkpoint.every_steps={config.checkpoint.every_steps} and "
-                         f"config.checkpoint.keep={config.checkpoint.keep} must be positive")
+    validate_sampling(config.get("sample", None), channels=cfg.in_channels)
+    validate_eval(config.get("eval", None))
+    if not _is_num(config.ema_decay) or not 0.0 <= config.ema_decay < 1.0:
+        raise ValueError(f"config.ema_decay={config.ema_decay!r} must be in [0, 1) (e.g. 0.999)")
+    for key in ("every_steps", "keep"):
+        _int_at_least(config.checkpoint, key, 1, prefix="config.checkpoint.")
 
 
-def validate_sampling(sc) -> None:
+def _is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _int_at_least(node, key: str, low: int, *, below: int | None = None, prefix: str = "config.") -> None:
+    v = node[key]
+    if not _is_int(v) or v < low or (below is not None and v >= below):
+        fit = f"an integer >= {low}" + (f" and < {below}" if below is not None else "")
+        raise ValueError(f"{prefix}{key}={v!r} must be {fit}")
+
+
+def validate_optim(config) -> None:
+    """`config.optim`: AdamW with global-norm clipping and a warm-up."""
+    o = config.optim
+    if not _is_num(o.lr) or o.lr <= 0:
+        raise ValueError(f"config.optim.lr={o.lr!r} must be a finite number > 0 (e.g. 1e-4)")
+    for key in ("b1", "b2"):
+        if not _is_num(o[key]) or not 0.0 <= o[key] < 1.0:
+            raise ValueError(f"config.optim.{key}={o[key]!r} must be in [0, 1) (AdamW's default: b1=0.9, b2=0.999)")
+    if not _is_num(o.weight_decay) or o.weight_decay < 0:
+        raise ValueError(f"config.optim.weight_decay={o.weight_decay!r} must be a finite number >= 0")
+    if not _is_num(o.grad_clip) or o.grad_clip <= 0:
+        raise ValueError(f"config.optim.grad_clip={o.grad_clip!r} must be a finite number > 0 (global-norm clip, "
+                         "e.g. 1.0)")
+    _int_at_least(o, "warmup_steps", 0, prefix="config.optim.")
+
+
+def validate_data(config, source) -> None:
+    """The config's data keys against the source itself (before any compile): a fixed-size source's
+    records must be `data.image_size` square with `data.channels` channels. Mixed-size sources
+    (`frame_shapes()`) train at their own sizes; there `image_size` only sizes sample grids."""
+    from flagdit_jax.data.buckets import frames_of
+
+    if len(source) == 0:
+        raise ValueError(f"config.data.name={config.data.name!r}: the source is empty")
+    frames = frames_of(source[0])
+    if frames.shape[-1] != config.data.channels:
+        raise ValueError(f"config.data.channels={config.data.channels} but the {config.data.name!r} records have "
+                         f"{frames.shape[-1]} channels; set config.data.channels={frames.shape[-1]}")
+    if hasattr(source, "frame_shapes"):
+        return
+    h, w = frames.shape[1:3]
+    if (h, w) != (config.data.image_size, config.data.image_size):
+        fit = f"set config.data.image_size={h}" if h == w else "this source is not square"
+        raise ValueError(f"config.data.image_size={config.data.image_size} but the {config.data.name!r} records are "
+                         f"{h}x{w}; {fit}")
+
+
+def validate_sampling(sc, channels: int | None = None) -> None:
     """`config.sample` (read by `flagdit sample` / `eval`), checked with the rest at train time."""
     if sc is None:
         return
@@ -149,16 +213,41 @@ def validate_sampling(sc) -> None:
     methods = samplers.ODE_METHODS + ("sde",)
     if sc.method not in methods:
         raise ValueError(f"config.sample.method={sc.method!r}; expected one of {methods}")
-    if not isinstance(sc.num_steps, int) or sc.num_steps <= 0:
+    if not _is_int(sc.num_steps) or sc.num_steps <= 0:
         raise ValueError(f"config.sample.num_steps={sc.num_steps!r} must be a positive integer")
-    if not float(sc.cfg_scale) >= 0.0:  # also refuses nan
-        raise ValueError(f"config.sample.cfg_scale={sc.cfg_scale!r} must be >= 0 (1 = no guidance)")
-    if not float(sc.get("shift", 1.0)) > 0.0:
-        raise ValueError(f"config.sample.shift={sc.get('shift')!r} must be > 0")
+    if not _is_num(sc.cfg_scale) or sc.cfg_scale < 0.0:  # also refuses nan / inf
+        raise ValueError(f"config.sample.cfg_scale={sc.cfg_scale!r} must be a finite number >= 0 (1 = no guidance)")
+    if not _is_num(sc.get("shift", 1.0)) or not sc.get("shift", 1.0) > 0.0:
+        raise ValueError(f"config.sample.shift={sc.get('shift')!r} must be a finite number > 0")
+    if not isinstance(sc.get("use_ema", True), bool):
+        raise ValueError(f"config.sample.use_ema={sc.use_ema!r} must be True or False")
+    cc = sc.get("cfg_channels")
+    if cc is not None and (not _is_int(cc) or not 0 < cc <= (channels or cc)):
+        raise ValueError(f"config.sample.cfg_channels={cc!r} must be None (all) or in [1, {channels}] "
+                         "(3 = the reference's first-3-latent-channel guidance)")
+    if sc.method == "sde":
+        from flagdit_jax.flow import paths as _paths
+
+        if sc.get("diffusion_form", "sigma") not in _paths.DIFFUSION_FORMS:
+            raise ValueError(f"config.sample.diffusion_form={sc.diffusion_form!r}; expected one of "
+                             f"{_paths.DIFFUSION_FORMS}")
+        if not _is_num(sc.get("diffusion_norm", 1.0)) or sc.get("diffusion_norm", 1.0) < 0:
+            raise ValueError(f"config.sample.diffusion_norm={sc.diffusion_norm!r} must be a finite number >= 0")
+        if sc.get("last_step", "Mean") not in ("Mean", "Euler", "Tweedie", None):
+            raise ValueError(f"config.sample.last_step={sc.last_step!r}; expected 'Mean', 'Euler', 'Tweedie' or None")
     if sc.method == "sde" and float(sc.get("shift", 1.0)) != 1.0:
         raise ValueError(f"config.sample.shift={sc.shift} applies to ODE grids only; method='sde' needs shift=1.0")
-    if int(sc.get("per_class", 1)) <= 0:
-        raise ValueError(f"config.sample.per_class={sc.per_class!r} must be positive")
+    if not _is_int(sc.get("per_class", 1)) or sc.get("per_class", 1) <= 0:
+        raise ValueError(f"config.sample.per_class={sc.per_class!r} must be a positive integer")
+
+
+def validate_eval(ec) -> None:
+    """`config.eval` (read by `flagdit eval`), checked with the rest at train time."""
+    if ec is None:
+        return
+    for key, low in (("num_samples", 1), ("batch", 1), ("classifier_steps", 0)):
+        if key in ec and ec[key] is not None:
+            _int_at_least(ec, key, low, prefix="config.eval.")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -279,7 +368,11 @@ def make_train_step(s: Setup):
         params = optax.apply_updates(state.params, updates)
         d = config.ema_decay
         ema = jax.tree.map(lambda e, p: e + (1.0 - d) * (p - e), state.ema_params, params)
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+        grad_norm = optax.tree.norm(grads)
+        # One flag for the loop's non-finite stop (read a step late, so it costs no sync).
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.all(
+            jnp.stack([jnp.isfinite(p).all() for p in jax.tree.leaves(params)]))
+        metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite}
         return state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state), metrics
 
     return jax.jit(step_fn, in_shardings=(s.state_shardings, s.batch_sharding),
@@ -319,39 +412,176 @@ def make_data_iterator(s: Setup, source):
     return it
 
 
+TrainingStopped = checkpoint.TrainingStopped
+
+
+def state_bytes(abstract_state, *, per_device: bool = True) -> dict[str, int]:
+    """Bytes of the params, EMA and optimizer state (one device's shards, or the global arrays)."""
+    def nbytes(tree):
+        total = 0
+        for a in jax.tree.leaves(tree):
+            shape = a.sharding.shard_shape(a.shape) if per_device and getattr(a, "sharding", None) else a.shape
+            total += int(np.prod(shape, dtype=np.int64)) * np.dtype(a.dtype).itemsize
+        return total
+
+    return {"parameters": nbytes(abstract_state.params), "EMA": nbytes(abstract_state.ema_params),
+            "optimizer state": nbytes(abstract_state.opt_state)}
+
+
+def available_memory(device) -> tuple[int | None, str]:
+    """(bytes free for one device, what that is): the accelerator's limit minus its use, or the
+    host's available memory shared by all local CPU devices."""
+    if device.platform == "cpu":
+        import psutil
+
+        n = max(1, sum(d.platform == "cpu" for d in jax.local_devices()))
+        return psutil.virtual_memory().available // n, f"host memory available / {n} CPU devices"
+    stats = device.memory_stats() or {}
+    if "bytes_limit" not in stats:
+        return None, "unknown"
+    return stats["bytes_limit"] - stats.get("bytes_in_use", 0), f"{device.device_kind} memory free"
+
+
+def check_memory(s: Setup) -> None:
+    """Refuse before init / compile when the state alone cannot fit: parameters + EMA + optimizer
+    state + gradients (x2: the step's gradients and their accumulation carry) per device, a lower
+    bound of what the step needs (activations come on top)."""
+    parts = state_bytes(s.abstract_state)
+    parts["gradients"] = 2 * parts["parameters"]
+    need = sum(parts.values())
+    device = s.mesh.devices.flat[0]
+    free, what = available_memory(device)
+    if free is None or need <= free:
+        return
+    gib = lambda b: f"{b / 2**30:.2f} GiB"  # noqa: E731
+    raise ValueError(f"config.model ({s.model_cfg.__class__.__name__} dim={getattr(s.model_cfg, 'dim', '?')}, "
+                     f"n_layers={getattr(s.model_cfg, 'n_layers', '?')}) needs at least {gib(need)} per device before "
+                     "activations (" + ", ".join(f"{k} {gib(v)}" for k, v in parts.items()) + f") but {device} has "
+                     f"{gib(free)} ({what}); use a smaller config.model or shard it (config.mesh.shape fsdp axis)")
+
+
+class StopSignals:
+    """SIGTERM / SIGINT on a single host: remember the signal; the loop finishes its step, saves and
+    stops. Multi-host runs leave SIGTERM to JAX's preemption notifier (Orbax `reached_preemption`
+    keeps every host on the same step), so no handler is installed there. A second SIGINT stops at once."""
+
+    def __init__(self):
+        self.signum, self._old = None, {}
+
+    def __enter__(self):
+        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+def _check_finite(mngr, step: int, metrics: dict, index) -> None:
+    """Stop (TrainingStopped) when step `step`'s loss, gradients or new parameters are not finite,
+    naming the step and the batch's source records."""
+    if bool(metrics["finite"]):
+        return
+    loss, gn = float(metrics["loss"]), float(metrics["grad_norm"])
+    what = ", ".join([f"loss={loss}"] * (not math.isfinite(loss)) + [f"grad_norm={gn}"] * (not math.isfinite(gn))) \
+        or "parameters (loss and grad_norm finite: the update overflowed)"
+    rows = "unknown" if index is None else np.asarray(index).ravel().tolist()
+    if isinstance(rows, list) and len(rows) > 16:
+        rows = f"{rows[:16]} ... ({len(rows)} records)"
+    host = f" of process {jax.process_index()}" if jax.process_count() > 1 else ""
+    raise TrainingStopped(f"non-finite {what} at step {step} (batch{host} of source records {rows}); stopped before "
+                          f"saving it, last checkpoint: {checkpoint.latest_step_text(mngr)}. Try a lower "
+                          "config.optim.lr or config.optim.grad_clip, or check those records")
+
+
+def _close_quietly(fn, what: str) -> None:
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001 - already stopping for another reason
+        log.warning("while stopping: %s failed (%s: %s)", what, type(e).__name__, e)
+
+
 def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> TrainState:
-    """Train (or resume) in `workdir`; returns the final state."""
+    """Train (or resume) in `workdir`; returns the final state.
+
+    Before any compile: the config (`validate`), the workdir lock (one writer), the data against
+    the config, a writable checkpoint dir with room for one checkpoint, and the state's memory.
+    Stops with TrainingStopped (nothing non-finite saved) on a non-finite step or a failed save,
+    and saves then returns on SIGTERM / SIGINT (single host) or preemption (multi-host).
+    """
     validate(config)  # before any compile or I/O
-    source = make_source(config)
-    s, init_boxed = setup(config, source)
     workdir = pathlib.Path(workdir).absolute()
-    data_iter = make_data_iterator(s, source)
-    mngr = checkpoint.make_manager(workdir / "checkpoints", every_steps=config.checkpoint.every_steps,
-                                   keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
-    restored = checkpoint.restore_latest(mngr, s.abstract_state, data_iter)
-    if restored is None:
-        state = init_state(s, init_boxed)
-        checkpoint.write_config(workdir, config)
-    else:
-        state = restored
+    source = make_source(config)
+    validate_data(config, source)
+    with contextlib.ExitStack() as stack:
+        if jax.process_index() == 0:  # one lock per run: the other hosts of a run share the workdir
+            stack.enter_context(checkpoint.lock_workdir(workdir))
+        s, init_boxed = setup(config, source)
+        check_memory(s)
+        checkpoint.check_writable(workdir / "checkpoints",
+                                  sum(state_bytes(s.abstract_state, per_device=False).values()))
+        stop = stack.enter_context(StopSignals())
+        data_iter = make_data_iterator(s, source)
+        if hasattr(data_iter, "close"):  # grain worker processes
+            stack.callback(_close_quietly, data_iter.close, "closing the data iterator")
+        mngr = checkpoint.make_manager(workdir / "checkpoints", every_steps=config.checkpoint.every_steps,
+                                       keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
+        stack.callback(_close_quietly, mngr.close, "closing the checkpoint manager")
+        restored = checkpoint.restore_latest(mngr, s.abstract_state, data_iter)
+        if restored is None:
+            state = init_state(s, init_boxed)
+            if jax.process_index() == 0:
+                checkpoint.write_config(workdir, config)
+        else:
+            state = restored
+        state = _loop(s, state, data_iter, mngr, stop, workdir, stack)
+        mngr.wait_until_finished()
+        checkpoint.check_for_save_errors(mngr, int(state.step))
+    return state
+
+
+def _loop(s: Setup, state, data_iter, mngr, stop, workdir, stack) -> TrainState:
+    config = s.config
     start = int(state.step)
     step_fn = make_train_step(s)
     lr_fn = learning_rate(config)
     writer = checkpoint.MetricWriter(workdir) if jax.process_index() == 0 else None
+    if writer:
+        stack.callback(_close_quietly, writer.close, "closing the metric writer")
     t_last, n_last, tokens = time.time(), start, 0
     from tqdm import tqdm
 
     bar = tqdm(total=config.total_steps, initial=start, desc="train", mininterval=10,
                disable=jax.process_index() != 0)
+    stack.callback(bar.close)
+    pending, last_saved = None, None  # (step, metrics, batch index) not yet checked for finiteness
     with jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules):
         for step in range(start, config.total_steps):
             local = next(data_iter)
             tokens += int((local["kind"] == tok.PATCH).sum()) * jax.process_count()  # real tokens only
             state, metrics = step_fn(state, global_batch(s, local))
             done = step + 1
+            if pending is not None:  # the previous step, read while this one runs
+                _check_finite(mngr, *pending)
+            pending = (done, metrics, local.get("index"))
+            if last_saved is not None:
+                checkpoint.check_for_save_errors(mngr, last_saved)
             bar.update(1)
-            if done % config.log_every_steps == 0 or done == config.total_steps:
-                m = {k: float(v) for k, v in metrics.items()}
+            log_now = done % config.log_every_steps == 0 or done == config.total_steps
+            save_now = mngr.should_save(done) or done == config.total_steps
+            stop_now = stop.signum is not None or mngr.reached_preemption(done)
+            if log_now or save_now or stop_now:
+                _check_finite(mngr, *pending)
+                pending = None
+            if log_now:
+                m = {k: float(v) for k, v in metrics.items() if k != "finite"}
                 dt = time.time() - t_last
                 m["steps_per_sec"] = (done - n_last) / dt
                 m["tokens_per_sec"] = tokens / dt
@@ -360,20 +590,18 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Tra
                 if writer:
                     writer.write(done, m)
             saved = False
-            if mngr.should_save(done) or done == config.total_steps:
+            if save_now:
                 saved = checkpoint.save(mngr, done, state, data_iter, force=done == config.total_steps)
-            if mngr.reached_preemption(done):
+            if stop_now:
                 if not saved:
-                    checkpoint.save(mngr, done, state, data_iter, force=True)
-                log.warning("preemption signal at step %d: saved and stopping", done)
+                    saved = checkpoint.save(mngr, done, state, data_iter, force=True)
+                why = signal.Signals(stop.signum).name if stop.signum is not None else "preemption signal"
+                log.warning("%s at step %d: saved checkpoint %d and stopping (rerun the same command to resume)",
+                            why, done, done)
+            if saved:
+                last_saved = done
+            if stop_now:
                 break
-    bar.close()
-    mngr.wait_until_finished()
-    mngr.close()
-    if hasattr(data_iter, "close"):  # grain worker processes
-        data_iter.close()
-    if writer:
-        writer.close()
     return state
 
 
