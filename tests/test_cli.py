@@ -76,12 +76,14 @@ def test_config_from_model_args_namespace(tmp_path):
         official.config_from_official({"model": "DiT_Llama_9B_patch2"})
 
 
+@pytest.mark.slow
 def test_presets_command(capsys):
     assert cli.main(["presets"]) == 0
     out = capsys.readouterr().out
     assert "flagdit-7b" in out and "7,293,819,936" in out
 
 
+@pytest.mark.slow
 def test_train_sample_eval_smoke(tmp_path):
     """The main job's three commands end to end at a few steps (the full run is in the README)."""
     cfg = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "default.py")

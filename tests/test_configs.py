@@ -47,6 +47,7 @@ def test_imagenet_config_names_missing_latents():
         load_config("configs/imagenet/flagdit.py", "5b")
 
 
+@pytest.mark.slow
 def test_imagenet_recipe_trains_and_samples_on_latents(tmp_path):
     rng = np.random.default_rng(0)
     latents.write_latents(str(tmp_path / "lat" / "train"), rng.standard_normal((48, 8, 8, 4)).astype(np.float32),
@@ -67,6 +68,7 @@ def test_imagenet_recipe_trains_and_samples_on_latents(tmp_path):
     np.testing.assert_array_equal(out["labels"], np.arange(4))
 
 
+@pytest.mark.slow
 def test_next_mnist_config_trains(tmp_path):
     """configs/next/mnist.py: the default run with a Next-DiT; a few steps give a finite, falling loss."""
     import json

@@ -92,6 +92,7 @@ def test_digit_splits():
     assert not set(mnist.split_indices("train")) & set(mnist.split_indices("eval"))
 
 
+@pytest.mark.slow
 def test_classifier_accuracy(trained):
     _, params, info, _ = trained
     assert not info["loaded"] and info["steps"] == TEST_STEPS
@@ -102,6 +103,7 @@ def test_classifier_accuracy(trained):
     assert lg.shape == (7, 10) and ft.shape == (7, clf.FEATURE_DIM)
 
 
+@pytest.mark.slow
 def test_load_or_train_reuses_cache(trained):
     workdir, params, info, train_s = trained
     assert (workdir / "feature_net" / "classifier.json").exists()
@@ -135,6 +137,7 @@ def test_load_or_train_retrains_on_other_settings(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------- evaluate / baselines
 
+@pytest.mark.slow
 def test_real_digits_accuracy_and_shuffled_labels(trained):
     workdir = trained[0]
     x_ev, y_ev = clf.digits("eval")
@@ -150,6 +153,7 @@ def test_real_digits_accuracy_and_shuffled_labels(trained):
     assert r5["per_class_accuracy"]["9"] is None and r5["per_class_count"]["0"] == 50
 
 
+@pytest.mark.slow
 def test_baselines_order(trained, tmp_path):
     workdir = trained[0]
     b = mnist_eval.baselines(workdir, n=500, seed=0)
@@ -162,6 +166,7 @@ def test_baselines_order(trained, tmp_path):
     assert json.loads(path.read_text())["real_floor"]["fid"] == pytest.approx(floor)
 
 
+@pytest.mark.slow
 def test_bad_input_raises(trained):
     workdir = trained[0]
     x_ev, y_ev = clf.digits("eval")

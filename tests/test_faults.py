@@ -111,6 +111,7 @@ def test_bitflip_is_detected_by_the_checksum_alone(run10):
     assert [k for k in fp if fp[k] != fp2[k]] == ["params/final_layer/linear/kernel"]
 
 
+@pytest.mark.slow
 def test_sigterm_finishes_the_step_saves_and_returns(tmp_path, monkeypatch, caplog):
     """In-process (the bit-identical resume after SIGTERM is the slow subprocess test below)."""
     real_global_batch = train.global_batch
@@ -230,6 +231,7 @@ def small_fs(tmp_path):
         subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
+@pytest.mark.slow
 def test_full_disk_during_async_save_stops_with_the_cause(tmp_path, small_fs, monkeypatch):
     """The filesystem fills up after checkpoint 5; the async save of 10 fails with ENOSPC and the run
     stops at the next step naming the cause, checkpoint 5 intact. Without mount rights the writer

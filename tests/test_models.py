@@ -91,6 +91,7 @@ def test_gqa_attention_matches_repeated_heads():
 # --- padding, zero-init --------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_padding_never_changes_real_tokens(t2i):
     cfg, model, params = t2i
     params = randomize(params, jax.random.key(1))
@@ -175,6 +176,7 @@ def test_dit_sincos_matches_dit_numpy_formula():
 # --- presets and bad input -----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_preset_parameter_counts_match_reference():
     for name, ref in registry.REFERENCE_PARAMS.items():
         n = registry.count_params(registry.get_config(name))

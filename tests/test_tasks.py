@@ -44,7 +44,7 @@ def source():
     return CaptionedMnistSource("train")
 
 
-@pytest.fixture(scope="module", params=["next", "flag"])
+@pytest.fixture(scope="module", params=["next", pytest.param("flag", marks=pytest.mark.slow)])
 def built(request, source):
     """(config, Setup, params) of a tiny captioned Next-DiT / Flag-DiT."""
     config = t2i_config(request.param)
@@ -179,9 +179,9 @@ def test_padding_never_changes_a_real_tokens_loss(built, source):
     alone = [train.pack_batch(s, [e]) for e in elements]
     noise = [rng.normal(size=b["tokens"].shape[1:]).astype(np.float32) for b in alone]
     ref = [per_sample(b, n[None], t[i:i + 1])[0] for i, (b, n) in enumerate(zip(alone, noise))]
-    for length in (config.data.buckets[-1], config.data.buckets[-1] + 40):
+    for length in (config.data.buckets[-1] + 8,):  # every sample padded
         batch = train.pack_batch(s, elements, pad_to=length)
-        assert (batch["kind"] == tok.PAD).any(axis=1).sum() >= 3
+        assert (batch["kind"] == tok.PAD).any(axis=1).all()
         x0 = rng.normal(size=batch["tokens"].shape).astype(np.float32)  # other noise at the pads
         for i, n in enumerate(noise):
             x0[i, : len(n)] = n

@@ -156,6 +156,7 @@ def uninterrupted(tmp_path_factory):
     return workdir
 
 
+@pytest.mark.slow
 def test_sigkill_resume_is_bitwise_identical(tmp_path, uninterrupted):
     workdir = tmp_path / "killed"
     cmd = train_cmd(workdir, *ONE_DEVICE, "--config.total_steps=40")
@@ -176,6 +177,7 @@ def test_sigkill_resume_is_bitwise_identical(tmp_path, uninterrupted):
     assert_trees_equal(ema, ref_ema)
 
 
+@pytest.mark.slow
 def test_corrupt_latest_checkpoint_falls_back_with_warning(tmp_path, uninterrupted, caplog):
     import shutil
 
@@ -197,6 +199,7 @@ def test_corrupt_latest_checkpoint_falls_back_with_warning(tmp_path, uninterrupt
     assert_trees_equal(state.params, ref_params)
 
 
+@pytest.mark.slow
 def test_two_process_jax_distributed_matches_single_process(tmp_path):
     """Two processes on 127.0.0.1 (one CPU device each) vs one process with two devices."""
     import socket
@@ -264,6 +267,7 @@ def test_preemption_saves_and_stops(tmp_path, monkeypatch):
     assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [5, 7]
 
 
+@pytest.mark.slow
 def test_training_lowers_the_loss_and_samples_approach_the_data(tmp_path):
     from flagdit_jax import sample
     from flagdit_jax.data import mnist
