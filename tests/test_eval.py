@@ -117,6 +117,7 @@ def test_load_or_train_reuses_cache(trained):
     assert clf.load_or_train(workdir, steps=TEST_STEPS, seed=0)[1]["loaded"]
 
 
+@pytest.mark.slow
 def test_load_or_train_retrains_on_other_settings(tmp_path, monkeypatch):
     calls = []
     real = clf.train_classifier

@@ -98,6 +98,7 @@ def test_output_types_and_errors(next_pipe):
         next_pipe("x", 32, 32, latents=jnp.zeros((1, 8, 8, 4)))
 
 
+@pytest.mark.slow
 def test_pipeline_is_the_guided_ode_with_the_model_options(next_pipe):
     """An explicit Euler loop over the official grid (4 "steps" = 4 grid points = 3 Euler steps)
     with the model's time-aware RoPE and proportional attention options (at 2x the training side,
@@ -140,6 +141,7 @@ def test_flagdit_class_conditional_pipeline():
         pl.LuminaNextPipeline(model, params)
 
 
+@pytest.mark.slow
 def test_lumina_next_pipeline_passes_paper_rope_and_context_drop(next_pipe):
     lat = jax.random.normal(jax.random.key(9), (1, 32, 32, 4))
     run = lambda **o: np.asarray(next_pipe("a red cat", 64, 64, num_inference_steps=2, latents=lat,

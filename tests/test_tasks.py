@@ -156,6 +156,7 @@ def test_loss_ignores_special_tokens():
     np.testing.assert_allclose(per, [0.01, 0.01], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_padding_never_changes_a_real_tokens_loss(built, source):
     """Each sample's loss is the same packed alone at its own length and packed with others into a
     longer bucket (with other noise at the pads)."""

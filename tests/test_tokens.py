@@ -10,7 +10,7 @@ from flagdit_jax import tokens as tok
 dims = st.integers(1, 4)
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=10, deadline=None)
 @given(
     sizes=st.lists(st.tuples(st.integers(1, 3), dims, dims), min_size=1, max_size=3),
     p=st.sampled_from([1, 2, 3]),
@@ -47,7 +47,7 @@ def test_round_trip_list(sizes, p, c, nextline, nextframe, extra_pad, seed):
     assert not np.asarray(packed.tokens)[kind != tok.PATCH].any()
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=10, deadline=None)
 @given(b=st.integers(1, 3), t=st.integers(1, 2), h=dims, w=dims, nextline=st.booleans(), seed=st.integers(0, 99))
 def test_round_trip_batch(b, t, h, w, nextline, seed):
     x = np.random.default_rng(seed).normal(size=(b, t, 2 * h, 2 * w, 4)).astype(np.float32)

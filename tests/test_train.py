@@ -66,7 +66,8 @@ def single_device(batches):
     return run_steps(tiny_config(**{"mesh.shape": (1, 1, 1, 1), "mesh.num_devices": 1}), batches)
 
 
-@pytest.mark.parametrize("shape", [(8, 1, 1, 1), (2, 4, 1, 1), (4, 1, 1, 2), (1, 2, 1, 4)],
+@pytest.mark.parametrize("shape", [(8, 1, 1, 1), (2, 4, 1, 1), (4, 1, 1, 2),
+                                   pytest.param((1, 2, 1, 4), marks=pytest.mark.slow)],
                          ids=["data8", "fsdp2x4", "data4-tensor2", "fsdp2-tensor4"])
 def test_sharded_train_step_matches_single_device(shape, batches, single_device):
     ref_state, ref_losses = single_device
@@ -224,6 +225,7 @@ def test_two_process_jax_distributed_matches_single_process(tmp_path):
     np.testing.assert_allclose([r["grad_norm"] for r in a], [r["grad_norm"] for r in b], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_restore_onto_a_different_mesh(tmp_path):
     from flagdit_jax import checkpoint, sample
 
@@ -238,6 +240,7 @@ def test_restore_onto_a_different_mesh(tmp_path):
     assert w1.sharding.spec == P("fsdp", "tensor") and w1.addressable_shards[0].data.shape[0] == 32 // 4
 
 
+@pytest.mark.slow
 def test_sampling_reads_only_the_params_tree(tmp_path):
     """Weights restore from a checkpoint whose optimizer state has another structure (another optimizer)."""
     import optax
@@ -257,6 +260,7 @@ def test_sampling_reads_only_the_params_tree(tmp_path):
     assert_trees_equal(ema, state.ema_params)
 
 
+@pytest.mark.slow
 def test_preemption_saves_and_stops(tmp_path, monkeypatch):
     import orbax.checkpoint as ocp
 
@@ -294,7 +298,8 @@ def test_training_lowers_the_loss_and_samples_approach_the_data(tmp_path):
     assert ours < 0.7 * baseline
 
 
-@pytest.mark.parametrize("overrides", [{"model.dtype": "bfloat16"}, {"model.remat": "full"}, {"model.remat": "dots"}],
+@pytest.mark.parametrize("overrides", [{"model.dtype": "bfloat16"}, {"model.remat": "full"},
+                                       pytest.param({"model.remat": "dots"}, marks=pytest.mark.slow)],
                          ids=["bf16-compute", "remat-full", "remat-dots"])
 def test_mixed_precision_and_remat(overrides, batches, single_device):
     """bf16 compute keeps fp32 master weights and optimizer state and tracks the fp32 loss;
