@@ -27,3 +27,20 @@ def assert_parity(actual, desired, *, eps: float = 4e-6, err_msg: str = "") -> N
     desired = np.asarray(desired)
     scale = max(1.0, float(np.max(np.abs(desired)))) if desired.size else 1.0
     np.testing.assert_allclose(np.asarray(actual), desired, atol=eps * scale, rtol=0, err_msg=err_msg)
+
+
+def load_config(path, arg=None, **overrides):
+    """`get_config(arg)` of a config file, then dotted-key overrides (`**{"model.dim": 32}`)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(pathlib.Path(path).stem + "_config", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    c = mod.get_config() if arg is None else mod.get_config(arg)
+    for key, value in overrides.items():
+        node = c
+        *parents, leaf = key.split(".")
+        for name in parents:
+            node = node[name]
+        node[leaf] = value
+    return c

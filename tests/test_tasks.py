@@ -1,6 +1,5 @@
 """Training tasks and mixed-size buckets: class labels and captions through one loop."""
 
-import importlib.util
 import os
 import pathlib
 import signal
@@ -18,25 +17,15 @@ from flagdit_jax import tasks, tokens as tok, train
 from flagdit_jax.data import buckets
 from flagdit_jax.data.captioned import CaptionedMnistSource
 from flagdit_jax.flow import losses
+from conftest import load_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def t2i_config(arg, **kw):
-    spec = importlib.util.spec_from_file_location("t2i_captions", ROOT / "configs" / "t2i" / "captions.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    c = mod.get_config(arg)
-    c.model.dim, c.model.n_layers, c.model.n_heads, c.model.n_kv_heads = 48, 2, 2, 1  # head_dim 24: 3-D RoPE
-    c.global_batch = 8
-    c.mesh.shape, c.mesh.num_devices = (1, 1, 1, 1), 1
-    for k, v in kw.items():
-        node = c
-        *parents, leaf = k.split(".")
-        for p_ in parents:
-            node = node[p_]
-        node[leaf] = v
-    return c
+    small = {"model.dim": 48, "model.n_layers": 2, "model.n_heads": 2, "model.n_kv_heads": 1,  # head_dim 24: 3-D RoPE
+             "global_batch": 8, "mesh.shape": (1, 1, 1, 1), "mesh.num_devices": 1}
+    return load_config(ROOT / "configs" / "t2i" / "captions.py", arg, **{**small, **kw})
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,5 @@
 """Training system: sharded step parity, config validation, resume, loss falls."""
 
-import importlib.util
 import json
 import os
 import pathlib
@@ -16,30 +15,16 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from conftest import load_config
 from flagdit_jax import cli, train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def default_config():
-    spec = importlib.util.spec_from_file_location("default_config", ROOT / "configs" / "default.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config()
-
-
 def tiny_config(**kw):
-    c = default_config()
-    c.model.dim, c.model.n_layers, c.model.n_heads, c.model.n_kv_heads = 32, 2, 4, 2
-    c.global_batch = 16
-    c.log_every_steps = 10
-    for k, v in kw.items():
-        node = c
-        *parents, leaf = k.split(".")
-        for p_ in parents:
-            node = node[p_]
-        node[leaf] = v
-    return c
+    small = {"model.dim": 32, "model.n_layers": 2, "model.n_heads": 4, "model.n_kv_heads": 2, "global_batch": 16,
+             "log_every_steps": 10}
+    return load_config(ROOT / "configs" / "default.py", **{**small, **kw})
 
 
 def run_steps(config, batches):
