@@ -243,7 +243,7 @@ def test_full_disk_during_async_save_stops_with_the_cause(tmp_path, small_fs, mo
         if step == 10:
             mngr.wait_until_finished()  # checkpoint 5 is written
             if small_fs is not None:  # fill the filesystem: the next checkpoint cannot be written
-                with open(small_fs / "filler", "wb") as f:
+                with open(small_fs / "filler", "wb", buffering=0) as f:  # unbuffered: close has nothing to flush
                     try:
                         while True:
                             f.write(b"\0" * 65536)
