@@ -47,7 +47,7 @@ def test_round_trip_list(sizes, p, c, nextline, nextframe, extra_pad, seed):
     assert not np.asarray(packed.tokens)[kind != tok.PATCH].any()
 
 
-@settings(max_examples=10, deadline=None)
+@settings(max_examples=6, deadline=None)
 @given(b=st.integers(1, 3), t=st.integers(1, 2), h=dims, w=dims, nextline=st.booleans(), seed=st.integers(0, 99))
 def test_round_trip_batch(b, t, h, w, nextline, seed):
     x = np.random.default_rng(seed).normal(size=(b, t, 2 * h, 2 * w, 4)).astype(np.float32)
