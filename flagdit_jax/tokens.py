@@ -203,6 +203,12 @@ def pack(
     )
 
 
+def layout_of(cfg) -> tuple[int, bool, bool]:
+    """(patch_size, nextline, nextframe) a model config asks for; configs without the token flags
+    (DiT) have neither. The argument order of `seq_len`'s last three parameters."""
+    return cfg.patch_size, getattr(cfg, "nextline", False), getattr(cfg, "nextframe", False)
+
+
 def pack_for(cfg, frames: jax.Array | Sequence[jax.Array], *, pad_to: int | None = None) -> Packed:
     """`pack` with the layout a model config asks for (patch size, [nextline], [nextframe]).
 
@@ -210,8 +216,8 @@ def pack_for(cfg, frames: jax.Array | Sequence[jax.Array], *, pad_to: int | None
     drop a layout flag. `cfg` is any model config (`patch_size`; `nextline` / `nextframe` default
     to False where a config has no such field, e.g. DiT).
     """
-    return pack(frames, cfg.patch_size, nextline=getattr(cfg, "nextline", False),
-                nextframe=getattr(cfg, "nextframe", False), pad_to=pad_to)
+    p, nl, nf = layout_of(cfg)
+    return pack(frames, p, nextline=nl, nextframe=nf, pad_to=pad_to)
 
 
 def pack_host(frames: Sequence[np.ndarray], cfg, pad_to: int) -> dict[str, np.ndarray]:
@@ -225,7 +231,7 @@ def pack_host(frames: Sequence[np.ndarray], cfg, pad_to: int) -> dict[str, np.nd
       `{'tokens': [B, L, p*p*C] float32, 'kind': [B, L] int32, 'positions': [B, L, 3] int32}`,
       the arrays of `pack_for(cfg, frames, pad_to=L)`; `as_packed` turns them into a `Packed`.
     """
-    p, nl, nf = cfg.patch_size, getattr(cfg, "nextline", False), getattr(cfg, "nextframe", False)
+    p, nl, nf = layout_of(cfg)
     tokens, kinds, positions = [], [], []
     for i, f in enumerate(frames):
         f = np.asarray(f, np.float32)
@@ -244,10 +250,9 @@ def pack_host(frames: Sequence[np.ndarray], cfg, pad_to: int) -> dict[str, np.nd
 def as_packed(arrays: dict, cfg) -> Packed:
     """`pack_host` arrays (numpy or global jax.Arrays) -> a `Packed` whose static part is only the
     layout (`shapes=None`), so every batch of one token-length bucket reuses one compiled step."""
+    p, nl, nf = layout_of(cfg)
     return Packed(tokens=arrays["tokens"], kind=arrays["kind"], positions=arrays["positions"],
-                  mask=arrays["kind"] != PAD, shapes=None, patch_size=cfg.patch_size,
-                  nextline=getattr(cfg, "nextline", False), nextframe=getattr(cfg, "nextframe", False),
-                  batched=False)
+                  mask=arrays["kind"] != PAD, shapes=None, patch_size=p, nextline=nl, nextframe=nf, batched=False)
 
 
 def _unpatchify(seq: jax.Array, shape, patch_size, nextline, nextframe) -> jax.Array:

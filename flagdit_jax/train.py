@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import math
 import pathlib
@@ -31,7 +30,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from flagdit_jax import checkpoint, sharding, tasks, tokens as tok
-from flagdit_jax.flow import losses, paths, timesteps
+from flagdit_jax.flow import paths, timesteps
 from flagdit_jax.models import registry
 
 log = logging.getLogger("flagdit_jax.train")
@@ -123,7 +122,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"config.data.image_size={config.data.image_size} must be a positive multiple of "
                          f"config.model.patch_size={cfg.patch_size}")
     buckets = tuple(config.data.get("buckets", ()) or ())
-    if any(not isinstance(b, int) or b <= 0 for b in buckets):
+    if any(not _is_int(b) or b <= 0 for b in buckets):
         raise ValueError(f"config.data.buckets={buckets}; expected positive token lengths, or () for one bucket per "
                          "length in the data")
     name = tasks.task_name(config, cfg)
@@ -226,17 +225,15 @@ def validate_sampling(sc, channels: int | None = None) -> None:
         raise ValueError(f"config.sample.cfg_channels={cc!r} must be None (all) or in [1, {channels}] "
                          "(3 = the reference's first-3-latent-channel guidance)")
     if sc.method == "sde":
-        from flagdit_jax.flow import paths as _paths
-
-        if sc.get("diffusion_form", "sigma") not in _paths.DIFFUSION_FORMS:
+        if sc.get("diffusion_form", "sigma") not in paths.DIFFUSION_FORMS:
             raise ValueError(f"config.sample.diffusion_form={sc.diffusion_form!r}; expected one of "
-                             f"{_paths.DIFFUSION_FORMS}")
+                             f"{paths.DIFFUSION_FORMS}")
         if not _is_num(sc.get("diffusion_norm", 1.0)) or sc.get("diffusion_norm", 1.0) < 0:
             raise ValueError(f"config.sample.diffusion_norm={sc.diffusion_norm!r} must be a finite number >= 0")
-        if sc.get("last_step", "Mean") not in ("Mean", "Euler", "Tweedie", None):
+        if sc.get("last_step", "Mean") not in samplers.LAST_STEPS:
             raise ValueError(f"config.sample.last_step={sc.last_step!r}; expected 'Mean', 'Euler', 'Tweedie' or None")
-    if sc.method == "sde" and float(sc.get("shift", 1.0)) != 1.0:
-        raise ValueError(f"config.sample.shift={sc.shift} applies to ODE grids only; method='sde' needs shift=1.0")
+        if float(sc.get("shift", 1.0)) != 1.0:
+            raise ValueError(f"config.sample.shift={sc.shift} applies to ODE grids only; method='sde' needs shift=1.0")
     if not _is_int(sc.get("per_class", 1)) or sc.get("per_class", 1) <= 0:
         raise ValueError(f"config.sample.per_class={sc.per_class!r} must be a positive integer")
 
@@ -391,8 +388,7 @@ def pack_batch(s: Setup, elements: list[dict], pad_to: int | None = None) -> dic
 
     frames = [frames_of(e) for e in elements]
     if pad_to is None:
-        lay = (s.model_cfg.patch_size, getattr(s.model_cfg, "nextline", False), getattr(s.model_cfg, "nextframe", False))
-        pad_to = max(tok.seq_len(f.shape[:3], *lay) for f in frames)
+        pad_to = max(tok.seq_len(f.shape[:3], *tok.layout_of(s.model_cfg)) for f in frames)
     return dict(tok.pack_host(frames, s.model_cfg, pad_to), cond=s.task.collate(elements))
 
 

@@ -44,3 +44,22 @@ def load_config(path, arg=None, **overrides):
             node = node[name]
         node[leaf] = value
     return c
+
+
+def sigkill_after_checkpoint(cmd, workdir, step: int, total: int, *, cwd, timeout: float) -> list[int]:
+    """Start `cmd` (a `flagdit train` run in `workdir`), SIGKILL it as soon as checkpoint `step` is
+    committed (Orbax renames on commit), and return the saved steps (asserted to end before `total`)."""
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while not (workdir / "checkpoints" / str(step)).exists():
+        assert proc.poll() is None and time.time() < deadline, "run ended before it could be killed"
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    saved = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved and max(saved) < total, f"killed too late: {saved}"
+    return saved

@@ -1,11 +1,8 @@
 """Training tasks and mixed-size buckets: class labels and captions through one loop."""
 
-import os
 import pathlib
-import signal
 import subprocess
 import sys
-import time
 
 import flax.linen as nn
 import jax
@@ -17,7 +14,7 @@ from flagdit_jax import tasks, tokens as tok, train
 from flagdit_jax.data import buckets
 from flagdit_jax.data.captioned import CaptionedMnistSource
 from flagdit_jax.flow import losses
-from conftest import load_config
+from conftest import load_config, sigkill_after_checkpoint
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -216,15 +213,7 @@ def test_t2i_cli_trains_resumes_bitwise_after_sigkill_and_samples(tmp_path, arg)
 
     subprocess.run(cmd(tmp_path / "full"), check=True, cwd=ROOT, capture_output=True)
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(cmd(killed), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 600
-    while not (killed / "checkpoints" / "10").exists():
-        assert proc.poll() is None and time.time() < deadline, "run ended before it could be killed"
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    saved = sorted(int(p.name) for p in (killed / "checkpoints").iterdir() if p.name.isdigit())
-    assert saved and max(saved) < 20, f"killed too late: {saved}"
+    sigkill_after_checkpoint(cmd(killed), killed, 10, 20, cwd=ROOT, timeout=600)
     subprocess.run(cmd(killed), check=True, cwd=ROOT, capture_output=True)
     states = []
     for w in (tmp_path / "full", killed):

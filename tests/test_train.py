@@ -3,10 +3,8 @@
 import json
 import os
 import pathlib
-import signal
 import subprocess
 import sys
-import time
 
 import flax.linen as nn
 import jax
@@ -15,7 +13,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from conftest import load_config
+from conftest import load_config, sigkill_after_checkpoint
 from flagdit_jax import cli, train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -146,15 +144,7 @@ def uninterrupted(tmp_path_factory):
 def test_sigkill_resume_is_bitwise_identical(tmp_path, uninterrupted):
     workdir = tmp_path / "killed"
     cmd = train_cmd(workdir, *ONE_DEVICE, "--config.total_steps=40")
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not (workdir / "checkpoints" / "10").exists():  # a finished save (orbax renames on commit)
-        assert proc.poll() is None and time.time() < deadline, "run ended before it could be killed"
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    saved = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
-    assert saved and max(saved) < 40, f"killed too late: {saved}"
+    sigkill_after_checkpoint(cmd, workdir, 10, 40, cwd=ROOT, timeout=300)
     subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True)
     step, params, ema = final_state(workdir, ONE_DEVICE)
     ref_step, ref_params, ref_ema = final_state(uninterrupted, ONE_DEVICE)

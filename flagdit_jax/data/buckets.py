@@ -49,8 +49,7 @@ def crop_buckets(image_size: int, cfg, *, vae_factor: int = 8, frames: Sequence[
     space: e.g. 256 px, SDXL VAE (8x), patch 2 with [nextline] -> (288,), the official T2I
     `max_seq_len` for 256 px (REFERENCE.md: 288 / 1088 / 4224 for 256 / 512 / 1024)."""
     crops = crop_size_list((image_size // 32) ** 2, 32)
-    nl, nf = getattr(cfg, "nextline", False), getattr(cfg, "nextframe", False)
-    return tuple(sorted({max(tok.seq_len((t, h // vae_factor, w // vae_factor), cfg.patch_size, nl, nf)
+    return tuple(sorted({max(tok.seq_len((t, h // vae_factor, w // vae_factor), *tok.layout_of(cfg))
                              for w, h in crops) for t in frames}))
 
 
@@ -82,12 +81,11 @@ def assign_buckets(shapes: np.ndarray, cfg, buckets: Sequence[int] | None) -> tu
 
     `buckets` None or empty: one bucket per distinct token length in the data.
     """
-    nl, nf = getattr(cfg, "nextline", False), getattr(cfg, "nextframe", False)
     for t, h, w in {tuple(s) for s in shapes.tolist()}:
         if h % cfg.patch_size or w % cfg.patch_size:
             raise ValueError(f"a record of latent size (T, H, W)=({t}, {h}, {w}) is not divisible by the model's "
                              f"patch_size={cfg.patch_size}")
-    lengths = np.array([tok.seq_len(tuple(s), cfg.patch_size, nl, nf) for s in shapes.tolist()])
+    lengths = np.array([tok.seq_len(tuple(s), *tok.layout_of(cfg)) for s in shapes.tolist()])
     bl = tuple(sorted({int(n) for n in lengths})) if not buckets else tuple(sorted({int(b) for b in buckets}))
     if min(bl) <= 0:
         raise ValueError(f"bucket lengths must be positive, got {bl}")
@@ -97,6 +95,11 @@ def assign_buckets(shapes: np.ndarray, cfg, buckets: Sequence[int] | None) -> tu
         raise ValueError(f"record {bad} of latent size {tuple(shapes[bad].tolist())} needs {lengths[bad]} tokens, more than "
                          f"the largest bucket {bl[-1]}; add a bucket >= {lengths[bad]} to config.data.buckets")
     return idx, bl
+
+
+def batches_per_bucket(bucket_of: np.ndarray, num_buckets: int, global_batch: int) -> np.ndarray:
+    """`[num_buckets]` full global batches per epoch (each bucket drops its own remainder)."""
+    return np.bincount(bucket_of, minlength=num_buckets) // global_batch
 
 
 def epoch_batches(bucket_of: np.ndarray, num_buckets: int, global_batch: int, seed: int, epoch: int,
@@ -128,7 +131,7 @@ class _ReadBatch(grain.transforms.MapWithIndex):
         self.local = global_batch // process_count
         self.offset = process_index * self.local
         self.collate = collate
-        self.num_batches = len(epoch_batches(bucket_of, len(lengths), global_batch, 0, 0, shuffle=False))
+        self.num_batches = int(batches_per_bucket(bucket_of, len(lengths), global_batch).sum())
         self._plan = (None, None)
 
     def _epoch(self, epoch: int) -> np.ndarray:
@@ -190,7 +193,7 @@ def make_bucketed_iterator(source, cfg, *, global_batch: int, seed: int, collate
     read = _ReadBatch(source, cfg, bucket_of, lengths, global_batch, seed, shuffle, process_index, process_count,
                       collate)
     if read.num_batches == 0:
-        counts = np.bincount(bucket_of, minlength=len(lengths))
+        counts = np.bincount(bucket_of, minlength=len(lengths))  # records, not batches: say why none fits
         raise ValueError(f"no bucket holds a full global batch of {global_batch}: records per bucket "
                          f"{dict(zip(lengths, counts.tolist()))}")
     ds = grain.MapDataset.range(read.num_batches).repeat(num_epochs).map_with_index(read)
