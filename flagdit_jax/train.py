@@ -514,6 +514,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Tra
     """
     validate(config)  # before any compile or I/O
     workdir = pathlib.Path(workdir).absolute()
+    check_init_from(config, workdir)
     source = make_source(config)
     validate_data(config, source)
     with contextlib.ExitStack() as stack:
@@ -533,6 +534,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Tra
         restored = checkpoint.restore_latest(mngr, s.abstract_state, data_iter)
         if restored is None:
             state = init_state(s, init_boxed)
+            if config.get("init_from"):
+                state = init_from(s, state, config.init_from)
             if jax.process_index() == 0:
                 checkpoint.write_config(workdir, config)
         else:
@@ -541,6 +544,45 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Tra
         mngr.wait_until_finished()
         checkpoint.check_for_save_errors(mngr, int(state.step))
     return state
+
+
+def check_init_from(config, workdir: pathlib.Path) -> None:
+    """`config.init_from` (optional): a finished run's workdir (its newest checkpoint) or a parameter
+    checkpoint (`flagdit convert --output`, a folder with model.json) to start a fresh run from, as the
+    official T2I stages (256 -> 512 -> 1024 px) each start from the previous stage's weights. It only
+    seeds a run that has no checkpoint of its own: resuming always wins."""
+    src = config.get("init_from") or None
+    if src is None:
+        return
+    p = pathlib.Path(src).absolute()
+    if not ((p / "model.json").is_file() or (p / "checkpoints").is_dir()):
+        raise ValueError(f"config.init_from={src!r}: expected a training workdir (with checkpoints/) or a parameter "
+                         "checkpoint folder (with model.json, as `flagdit convert` writes)")
+    if p == workdir:
+        raise ValueError(f"config.init_from={src!r} is this run's own workdir; a run resumes from its own checkpoints "
+                         "without init_from")
+
+
+def init_from(s: Setup, state: TrainState, src) -> TrainState:
+    """`state` with params and EMA params taken from `src` (see `check_init_from`); the optimizer
+    state, step and RNG stay fresh. A workdir gives its newest good checkpoint's params and EMA; a
+    parameter checkpoint gives one tree used for both. Shapes must match this run's model."""
+    from flagdit_jax import sample
+
+    p = pathlib.Path(src).absolute()
+    if (p / "model.json").is_file():
+        params, _ = checkpoint.load_params(p)
+        want = jax.tree.map(lambda a: (a.shape, a.dtype), state.params)
+        got = jax.tree.map(lambda a: (a.shape, a.dtype), params)
+        if jax.tree.structure(want) != jax.tree.structure(got) or want != got:
+            raise checkpoint.CheckpointMismatch(f"config.init_from={src!r}: its parameters do not fit config.model")
+        params = jax.device_put(params, s.state_shardings.params)
+        ema = params
+    else:
+        params, _, step = sample.load_params(s.config, p, use_ema=False)
+        ema, _, _ = sample.load_params(s.config, p, use_ema=True)
+        log.info("initialised from %s step %d", p, step)
+    return state.replace(params=params, ema_params=ema)
 
 
 def _loop(s: Setup, state, data_iter, mngr, stop, workdir, stack) -> TrainState:

@@ -290,3 +290,23 @@ def test_mixed_precision_and_remat(overrides, batches, single_device):
         np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
         for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(ref_state.params)):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-6)
+
+
+def test_init_from_a_previous_stage(tmp_path):
+    """A fresh run seeded by `config.init_from` (the T2I stages 256 -> 512 -> 1024) starts from the
+    previous run's params and EMA, or from a parameter checkpoint; its own optimizer and step start fresh."""
+    from flagdit_jax import checkpoint
+
+    first = train.train(tiny_config(**{"total_steps": 2, "checkpoint.async_save": False}), tmp_path / "stage1")
+    config = tiny_config(**{"total_steps": 1, "init_from": str(tmp_path / "stage1")})
+    s, init_boxed = train.setup(config)
+    train.check_init_from(config, tmp_path / "stage2")
+    state = train.init_from(s, train.init_state(s, init_boxed), config.init_from)
+    assert_trees_equal(state.params, first.params)
+    assert_trees_equal(state.ema_params, first.ema_params)
+    assert int(state.step) == 0
+    checkpoint.save_params(tmp_path / "converted", first.ema_params, s.model_cfg)
+    state = train.init_from(s, train.init_state(s, init_boxed), str(tmp_path / "converted"))
+    assert_trees_equal(state.params, first.ema_params)
+    with pytest.raises(ValueError, match="config.init_from"):
+        train.check_init_from(tiny_config(**{"init_from": str(tmp_path / "nothing")}), tmp_path / "x")
