@@ -33,17 +33,21 @@ import numpy as np
 
 import grain
 
-SOURCES = ("mnist", "mnist_captions", "imagenet", "latents")
+SOURCES = ("mnist", "mnist_captions", "imagenet", "latents", "mnist_t2i", "image_text", "encoded")
 # Sources whose elements carry caption embeddings + masks and that give null_caption() (the caption task).
-CAPTIONED_SOURCES = ("mnist_captions",)
+# 'mnist_t2i' and 'image_text' are raw (pixels + text): `encoded.encode_dataset` turns them into 'encoded'.
+CAPTIONED_SOURCES = ("mnist_captions", "encoded")
 
 
 def get_source(name: str, split: str = "train", **kwargs):
     """Factory: 'mnist' (no options), 'mnist_captions' (`CaptionedMnistSource` kwargs: cap_dim,
-    cap_len, shapes), 'imagenet' (`ImageNetSource` kwargs) or 'latents'.
+    cap_len, shapes), 'imagenet' (`ImageNetSource` kwargs), 'latents', 'mnist_t2i' (`MnistT2I`
+    kwargs: seed, repeats), 'image_text' (`ImageTextFolder`: `path=` a folder or .jsonl manifest of
+    this split, plus its crop kwargs) or 'encoded' (`EncodedSource`).
 
-    'latents' takes `path_prefix=` (as given to `write_latents`) or `data_dir=` (files
-    `{data_dir}/{split}-NNNNN-of-NNNNN.array_record`), plus `scale=`.
+    'latents' and 'encoded' take `path_prefix=` (as given to `write_latents` / `encode_dataset`) or
+    `data_dir=` (files `{data_dir}/{split}-NNNNN-of-NNNNN.array_record`), plus `scale=` ('latents')
+    or `cap_len=` ('encoded').
     """
     if name == "mnist":
         from flagdit_jax.data.mnist import MnistSource
@@ -59,18 +63,33 @@ def get_source(name: str, split: str = "train", **kwargs):
         from flagdit_jax.data.imagenet import ImageNetSource
 
         return ImageNetSource(split, **kwargs)
-    if name == "latents":
+    if name == "mnist_t2i":
+        from flagdit_jax.data.mnist_t2i import MnistT2I
+
+        return MnistT2I(split, **kwargs)
+    if name == "image_text":
+        from flagdit_jax.data.image_text import ImageTextFolder
+
+        if "path" not in kwargs:
+            raise ValueError(f"the image_text source needs path= (a folder or .jsonl manifest), got {sorted(kwargs)}")
+        return ImageTextFolder(kwargs.pop("path"), **kwargs)
+    if name in ("latents", "encoded"):
         import os
 
-        from flagdit_jax.data.latents import LatentSource
-
         if split not in ("train", "eval"):
-            raise ValueError(f"latents split {split!r}; expected one of ('train', 'eval')")
+            raise ValueError(f"{name} split {split!r}; expected one of ('train', 'eval')")
         prefix, data_dir = kwargs.pop("path_prefix", None), kwargs.pop("data_dir", None)
         if (prefix is None) == (data_dir is None):
-            raise ValueError("the latents source needs exactly one of path_prefix= or data_dir=, "
+            raise ValueError(f"the {name} source needs exactly one of path_prefix= or data_dir=, "
                              f"got path_prefix={prefix!r}, data_dir={data_dir!r}")
-        return LatentSource(prefix if prefix is not None else os.path.join(data_dir, split), **kwargs)
+        prefix = prefix if prefix is not None else os.path.join(data_dir, split)
+        if name == "encoded":
+            from flagdit_jax.data.encoded import EncodedSource
+
+            return EncodedSource(prefix, **kwargs)
+        from flagdit_jax.data.latents import LatentSource
+
+        return LatentSource(prefix, **kwargs)
     raise ValueError(f"unknown data source {name!r}; expected one of {SOURCES}")
 
 
