@@ -121,6 +121,9 @@ def test_mnist_t2i_deterministic_and_tables(mnist_src):
         mnist_t2i.caption_for(1, 0, 0, 3)
     with pytest.raises(ValueError, match="repeats"):
         MnistT2I("eval", repeats=0)
+    via_config = pipeline.get_source("mnist_t2i", "eval", seed=3, repeats=2)
+    assert via_config[5]["caption"] == mnist_src[5]["caption"]
+    assert "mnist_t2i" in pipeline.SOURCES and "mnist_t2i" not in pipeline.CAPTIONED_SOURCES  # raw: no embeddings
 
 
 # --- ImageTextFolder ----------------------------------------------------------------------------
@@ -186,8 +189,11 @@ def test_image_text_crop_keeps_the_middle(tmp_path):
     (tmp_path / "x.txt").write_text("x")
     e = ImageTextFolder(tmp_path, image_size=64, crop_patch=64)[0]  # one crop size: 64x64
     assert e["image"].shape == (64, 64, 3) and e["image"][:, 8:56].min() > 0.9
-    r = ImageTextFolder(tmp_path, image_size=64, crop_patch=64, offset="random", seed=5)
-    assert np.array_equal(r[0]["image"], r[0]["image"])
+    rand = [ImageTextFolder(tmp_path, image_size=64, crop_patch=64, offset="random", seed=s)[0]["image"]
+            for s in range(6)]
+    assert np.array_equal(rand[5], ImageTextFolder(tmp_path, image_size=64, crop_patch=64, offset="random",
+                                                   seed=5)[0]["image"])
+    assert any(not np.array_equal(r, e["image"]) for r in rand)  # offsets drawn over [0, 128]
 
 
 def test_image_text_errors(tmp_path, pairs):
@@ -209,6 +215,10 @@ def test_image_text_errors(tmp_path, pairs):
         ImageTextFolder(tmp_path / "nothing.txt")
     with pytest.raises(ValueError, match="offset"):
         ImageTextFolder(folder, offset="left")
+    with pytest.raises(ValueError, match="needs path="):
+        pipeline.get_source("image_text")
+    with pytest.raises(ValueError, match="path_prefix= or data_dir="):
+        pipeline.get_source("encoded", "train")
 
 
 # --- the cache ----------------------------------------------------------------------------------
@@ -355,3 +365,24 @@ def test_cache_sample_posterior(tmp_path, mnist_src):
     mean = vae.encode(raw[0]["image"][None])[None, 0]
     np.testing.assert_array_equal(a, b)
     assert 0 < np.abs(a - mean).max() < 0.1
+
+
+def test_cache_rare_size_does_not_hold_back_the_shard(tmp_path):
+    """Record 0 is the only wide image: its part-filled batch is encoded once 8 x batch_size results
+    wait behind it, and the records still come back in order."""
+
+    class Raw:
+        def __len__(self):
+            return 30
+
+        def __getitem__(self, i):
+            shape = (8, 16, 1) if i == 0 else (8, 8, 1)
+            return {"image": np.full(shape, i / 30, np.float32), "caption": f"record {i}", "label": np.int32(i)}
+
+    vae = FakeVAE()
+    encoded.encode_dataset(Raw(), vae, FakeText(), str(tmp_path / "rare"), batch_size=2, progress=False)
+    assert vae.calls.index((1, 8, 16, 1)) == 9  # after 9 full batches: 18 results > 16 waited behind record 0
+    src = encoded.EncodedSource(str(tmp_path / "rare"))
+    assert [int(src[i]["label"]) for i in range(30)] == list(range(30))
+    assert src.frame_shapes()[:2].tolist() == [[1, 2, 4], [1, 2, 2]]
+    assert json.load(open(encoded.sidecar_path(str(tmp_path / "rare"))))["max_cap_len"] == 3

@@ -148,6 +148,9 @@ class _ShardEncoder:
 
     def run(self):
         pending: dict[tuple, list] = {}
+        # Results wait in `done` until every earlier row is written; a rare image size would hold back
+        # the whole shard, so its part-filled batch is encoded early once this many results wait.
+        limit = 8 * self.batch_size
         for i in self.rows:
             r = self.source[int(i)]
             meta = _metadata(r, int(i))
@@ -165,6 +168,9 @@ class _ShardEncoder:
             group.append((int(i), image, caption, meta))
             if len(group) == self.batch_size:
                 self._encode(pending.pop(image.shape))
+            while len(self.done) > limit:
+                blocking = int(self.rows[self.next])
+                self._encode(pending.pop(next(k for k, g in pending.items() if g[0][0] == blocking)))
         for group in pending.values():
             self._encode(group)
         if self.next != len(self.rows):
@@ -260,7 +266,7 @@ def encode_dataset(raw_source, vae, text_encoder, path_prefix: str, *, num_shard
     cap_dim = int(null_feats.shape[2])
     rows_of = np.array_split(np.arange(n), num_shards)
     dtype = np.dtype(cap_dtype).type
-    meta_keys = None
+    meta_keys, max_len = None, null_len
     with tqdm(total=sum(len(rows_of[s]) for s in range(first, stop)), desc=f"encoding {path_prefix}",
               disable=not progress, unit="rec") as bar:
         for s, path in zip(range(first, stop), files):
@@ -274,7 +280,7 @@ def encode_dataset(raw_source, vae, text_encoder, path_prefix: str, *, num_shard
             finally:
                 writer.close()
             os.replace(tmp, path)
-            meta_keys = enc.meta_keys
+            meta_keys, max_len = enc.meta_keys, max(max_len, *enc.cap_lens)
             _write_json(shard_meta_path(path), {
                 "rows": [int(rows_of[s][0]), int(rows_of[s][-1]) + 1], "latent_shapes": enc.shapes,
                 "cap_lens": enc.cap_lens, "max_cap_len": max(enc.cap_lens), "metadata": meta_keys})
@@ -286,6 +292,8 @@ def encode_dataset(raw_source, vae, text_encoder, path_prefix: str, *, num_shard
             "latent_shift": float(getattr(vae, "shift_factor", None) or 0.0),
             "sample_posterior": bool(sample_posterior), "seed": int(seed),
             "cap_dim": cap_dim, "cap_dtype": cap_dtype, "metadata": meta_keys,
+            # longest caption incl. "" (None when other calls write other shards: see the shards' .json)
+            "max_cap_len": max_len if (first, stop) == (0, num_shards) else None,
             # float32 -> JSON float -> float32 is exact
             "null_caption": {"length": null_len, "feats": null_feats[0, :null_len].tolist()}})
     return files
