@@ -112,11 +112,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
     if config.data.name not in pipeline.SOURCES:
         raise ValueError(f"config.data.name={config.data.name!r}; expected one of {pipeline.SOURCES}")
-    if config.data.name == "latents" and not any(dict(config.data.get("options", {})).get(k)
-                                                 for k in ("data_dir", "path_prefix")):
-        raise ValueError("config.data.name='latents' needs config.data.options.data_dir (a folder of "
-                         "train-*.array_record shards written by flagdit_jax.data.latents.write_latents) "
-                         f"or config.data.options.path_prefix; got options={dict(config.data.get('options', {}))}")
+    if config.data.name in ("latents", "encoded") and not any(dict(config.data.get("options", {})).get(k)
+                                                              for k in ("data_dir", "path_prefix")):
+        writer = "flagdit_jax.data.latents.write_latents" if config.data.name == "latents" else "`flagdit encode`"
+        raise ValueError(f"config.data.name={config.data.name!r} needs config.data.options.data_dir (a folder of "
+                         f"train-*.array_record shards written by {writer}) or config.data.options.path_prefix; "
+                         f"got options={dict(config.data.get('options', {}))}")
     _int_at_least(config.data, "worker_count", 0, prefix="config.data.")
     if not _is_int(config.data.image_size) or config.data.image_size <= 0 or config.data.image_size % cfg.patch_size:
         raise ValueError(f"config.data.image_size={config.data.image_size} must be a positive multiple of "

@@ -13,11 +13,15 @@ Heavy imports (tfds, array_record) happen only when the ImageNet or latents sour
 
 from flagdit_jax.data.buckets import crop_buckets, crop_size_list, make_bucketed_iterator
 from flagdit_jax.data.captioned import CaptionedMnistSource
+from flagdit_jax.data.encoded import EncodedSource, encode_dataset
+from flagdit_jax.data.image_text import ImageTextFolder
 from flagdit_jax.data.imagenet import ImageNetSource, center_crop_arr
 from flagdit_jax.data.latents import SD_VAE_SCALE, LatentSource, write_latents
 from flagdit_jax.data.mnist import MnistSource, load_split
+from flagdit_jax.data.mnist_t2i import MnistT2I
 from flagdit_jax.data.pipeline import SOURCES, get_source, make_dataset, make_iterator
 
-__all__ = ["SOURCES", "SD_VAE_SCALE", "CaptionedMnistSource", "ImageNetSource", "LatentSource", "MnistSource",
+__all__ = ["SOURCES", "SD_VAE_SCALE", "CaptionedMnistSource", "EncodedSource", "ImageNetSource", "ImageTextFolder",
+           "LatentSource", "MnistSource", "MnistT2I", "encode_dataset",
            "center_crop_arr", "crop_buckets", "crop_size_list", "get_source", "load_split", "make_bucketed_iterator",
            "make_dataset", "make_iterator", "write_latents"]

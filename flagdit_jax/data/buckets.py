@@ -28,8 +28,8 @@ from flagdit_jax import tokens as tok
 def crop_size_list(num_patches: int, patch_size: int, max_ratio: float = 4.0) -> list[tuple[int, int]]:
     """The official aspect-ratio crop list: every (width, height) = (wp, hp) * patch_size with
     wp * hp <= num_patches on the frontier and max(wp, hp) / min(wp, hp) <= max_ratio
-    (LT `lumina_t2i/imgproc.py: generate_crop_size_list`; the trainers call it with
-    `((image_size // 32) ** 2, 32)`)."""
+    (LT `lumina_t2i/imgproc.py: generate_crop_size_list`; the T2I trainers call it with
+    `(round((image_size / 16) ** 2), 16)`: 16 px = the SDXL VAE's 8x times patch 2)."""
     if num_patches <= 0 or patch_size <= 0 or max_ratio < 1.0:
         raise ValueError(f"crop_size_list(num_patches={num_patches}, patch_size={patch_size}, max_ratio={max_ratio}): "
                          "expected positive sizes and max_ratio >= 1")
@@ -48,7 +48,7 @@ def crop_buckets(image_size: int, cfg, *, vae_factor: int = 8, frames: Sequence[
     """One bucket per frame count holding every official crop of `image_size` (pixels) in latent
     space: e.g. 256 px, SDXL VAE (8x), patch 2 with [nextline] -> (288,), the official T2I
     `max_seq_len` for 256 px (REFERENCE.md: 288 / 1088 / 4224 for 256 / 512 / 1024)."""
-    crops = crop_size_list((image_size // 32) ** 2, 32)
+    crops = crop_size_list(round((image_size / 16) ** 2), 16)
     return tuple(sorted({max(tok.seq_len((t, h // vae_factor, w // vae_factor), *tok.layout_of(cfg))
                              for w, h in crops) for t in frames}))
 
