@@ -128,15 +128,18 @@ def load_params(path: str | pathlib.Path, abstract: Any, *, dtype: Any = "float3
     missing = sorted(prefix + k for k, _ in wanted.values() if prefix + k not in files)
     if missing:
         raise ValueError(f"checkpoint in {str(path)!r} lacks {len(missing)} tensors: {missing[:8]}")
-    arrays = read_tensors(files, [prefix + k for k, _ in wanted.values()])
     out, bad = {}, []
-    for p, (k, transpose) in wanted.items():
-        a = arrays.pop(prefix + k)
-        a = a.T if transpose else a
-        if a.shape != tuple(flat[p].shape):
-            bad.append(f"{prefix + k}: {a.shape} in the checkpoint, {tuple(flat[p].shape)} from config.json")
-            continue
-        out[p] = jax.device_put(np.ascontiguousarray(a.astype(dt)))
+    # One file at a time, so host memory holds one shard in its stored dtype, not the whole model.
+    for file in dict.fromkeys(files[prefix + k] for k, _ in wanted.values()):
+        group = {p: kt for p, kt in wanted.items() if files[prefix + kt[0]] == file}
+        arrays = read_tensors(files, [prefix + k for k, _ in group.values()])
+        for p, (k, transpose) in group.items():
+            a = arrays.pop(prefix + k)
+            a = a.T if transpose else a
+            if a.shape != tuple(flat[p].shape):
+                bad.append(f"{prefix + k}: {a.shape} in the checkpoint, {tuple(flat[p].shape)} from config.json")
+                continue
+            out[p] = jax.device_put(np.array(a, dtype=dt, order="C"))
     if bad:
         raise ValueError(f"checkpoint in {str(path)!r} does not fit its config: " + "; ".join(bad[:8]))
     return flax.traverse_util.unflatten_dict(out)
