@@ -3,6 +3,9 @@
     flagdit train --config configs/default.py --workdir runs/default [--config.total_steps=20]
     flagdit sample --workdir runs/default [--config.sample.cfg_scale=3]
     flagdit eval --workdir runs/default
+    flagdit autoencoder --config configs/autoencoder/mnist.py --workdir runs/autoencoder
+    flagdit encode --config configs/t2i/mnist.py:next            # VAE latents + caption embeddings, once
+    flagdit sample --workdir runs/t2i_next --prompt "a small seven in the top left of a square canvas"
     flagdit convert --checkpoint consolidated.00-of-01.pth --model-args model_args.pth --output ckpt/
     flagdit convert --diffusers Lumina-Next-SFT-diffusers/transformer --output ckpt/
     flagdit presets                             # the preset table with parameter counts
@@ -143,6 +146,11 @@ def _unknown_key(config, argv: list[str]) -> str | None:
     return None
 
 
+# Commands that read `--config FILE[:arg]` (the others read the run's config back from --workdir).
+FILE_CONFIG_COMMANDS = ("train", "encode", "autoencoder")
+CONFIG_COMMANDS = ("train", "sample", "eval", "encode", "autoencoder")
+
+
 def _run_config_command(command: str, argv: list[str]) -> int:
     from absl import flags
     from ml_collections import config_flags
@@ -151,7 +159,14 @@ def _run_config_command(command: str, argv: list[str]) -> int:
         fv = flags.FlagValues()
         full_argv = [f"flagdit {command}"] + args  # config_flags reads overrides from here, not sys.argv
         flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics, samples)", flag_values=fv)
-        if command == "train":
+        if command == "sample":
+            flags.DEFINE_multi_string("prompt", [], "text-to-image: sample these prompts (repeat the flag)",
+                                      flag_values=fv)
+            flags.DEFINE_string("output", None, "PNG to write (default: in the workdir)", flag_values=fv)
+            flags.DEFINE_string("size", None, "with --prompt: HxW pixels, e.g. 32x64", flag_values=fv)
+        if command == "encode":
+            flags.DEFINE_bool("overwrite", False, "replace an existing cache", flag_values=fv)
+        if command in FILE_CONFIG_COMMANDS:
             config_flags.DEFINE_config_file("config", None, "config file (configs/*.py[:arg])", flag_values=fv,
                                             lock_config=True, sys_argv=full_argv)
         else:
@@ -165,12 +180,12 @@ def _run_config_command(command: str, argv: list[str]) -> int:
         workdir = argv[argv.index("--workdir") + 1]
     from flagdit_jax import checkpoint
 
-    if command != "train" and workdir is None:
+    if command not in FILE_CONFIG_COMMANDS and workdir is None:
         raise SystemExit(f"error: flagdit {command} needs --workdir")
     config_file = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
     if config_file is None and "--config" in argv and argv.index("--config") + 1 < len(argv):
         config_file = argv[argv.index("--config") + 1]
-    if command == "train" and config_file and not pathlib.Path(config_file.split(":", 1)[0]).is_file():
+    if command in FILE_CONFIG_COMMANDS and config_file and not pathlib.Path(config_file.split(":", 1)[0]).is_file():
         raise SystemExit(f"error: --config {config_file}: no such file (expected a config such as configs/default.py)")
     try:
         fv = parse(argv)
@@ -183,14 +198,23 @@ def _run_config_command(command: str, argv: list[str]) -> int:
         raise SystemExit(f"error: {msg or e}") from e
     except (flags.Error, ValueError, TypeError) as e:
         raise SystemExit(f"error: {e}") from e
-    if not fv.workdir:
+    if not fv.workdir and command != "encode":
         raise SystemExit(f"error: flagdit {command} needs --workdir")
     if fv.config is None:
-        raise SystemExit("error: flagdit train needs --config (e.g. configs/default.py)")
+        raise SystemExit(f"error: flagdit {command} needs --config (e.g. configs/default.py)")
     config = fv.config
+    if command == "autoencoder":
+        from flagdit_jax.autoencoder import train as ae_train
+
+        try:
+            ae_train.validate(config)
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from e
+        ae_train.train_autoencoder(config, fv.workdir)
+        return 0
     from flagdit_jax import train as train_lib
 
-    if command == "train":
+    if command in ("train", "encode"):
         train_lib.maybe_initialize_distributed()  # before anything asks jax for its devices
     try:
         train_lib.validate(config)
@@ -198,10 +222,25 @@ def _run_config_command(command: str, argv: list[str]) -> int:
         raise SystemExit(f"error: {e}") from e
     if command == "train":
         train_lib.train(config, fv.workdir)
+    elif command == "encode":
+        from flagdit_jax import encoders
+
+        for split, files in encoders.encode_cache(config, overwrite=fv.overwrite).items():
+            print(f"{split}: wrote {len(files)} shard(s) under {encoders.cache_prefix(config, split)}")
     elif command == "sample":
         from flagdit_jax import sample
 
-        sample.sample_grid(config, fv.workdir)
+        if fv.prompt:
+            size = None
+            if fv.size:
+                try:
+                    size = tuple(int(v) for v in fv.size.lower().split("x"))
+                    assert len(size) == 2 and min(size) > 0
+                except (ValueError, AssertionError):
+                    raise SystemExit(f"error: --size={fv.size!r}; expected HxW in pixels, e.g. 32x64") from None
+            sample.sample_prompts(config, fv.workdir, fv.prompt, size=size, out=fv.output)
+        else:
+            sample.sample_grid(config, fv.workdir, out=fv.output)
     else:
         from flagdit_jax import evaluate
 
@@ -212,7 +251,7 @@ def _run_config_command(command: str, argv: list[str]) -> int:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="flagdit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
-    for name in ("train", "sample", "eval"):  # parsed with ml-collections config flags (see above)
+    for name in CONFIG_COMMANDS:  # parsed with ml-collections config flags (see above)
         sub.add_parser(name, help=f"{name} (--config FILE --workdir DIR --config.key=value [--debug])",
                        add_help=False)
 
@@ -237,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] in ("train", "sample", "eval"):
+    if argv and argv[0] in CONFIG_COMMANDS:
         return _config_command(argv[0], argv[1:])
     args = build_parser().parse_args(argv)
     return args.fn(args)

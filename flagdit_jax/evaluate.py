@@ -3,10 +3,16 @@
 For the embedded MNIST default: FID on the features of the project's own MNIST classifier
 (trained once, cached in the workdir) against the held-out digits, and class-conditional
 accuracy, printed beside the real-data floor, noise and class-mean baselines at the same N.
+
+For the embedded text-to-image run (`configs/t2i/mnist.py`): prompt following. Prompts cover every
+digit x layout (size, place, canvas) x phrasing in turn; each sample is decoded with the run's VAE
+and read by `eval/layout_eval.py` (digit by the MNIST classifier, place by the ink centroid, size by
+the ink extent), beside the same reading of real held-out renders (the floor).
 """
 
 from __future__ import annotations
 
+import json
 import pathlib
 import time
 
@@ -16,9 +22,11 @@ from flagdit_jax import sample
 
 
 def run(config, workdir: str | pathlib.Path) -> dict:
+    if config.data.name == "encoded" and config.get("encode") and config.encode.source == "mnist_t2i":
+        return run_layout(config, workdir)
     if config.data.name != "mnist":
-        raise ValueError(f"flagdit eval supports config.data.name='mnist' (the embedded default); got "
-                         f"{config.data.name!r} (ImageNet FID needs the user's Inception weights)")
+        raise ValueError(f"flagdit eval supports the embedded runs (config.data.name='mnist', or 'encoded' from "
+                         f"'mnist_t2i'); got {config.data.name!r} (ImageNet FID needs the user's Inception weights)")
     from flagdit_jax.eval import classifier, mnist_eval
 
     workdir = pathlib.Path(workdir)
@@ -44,3 +52,101 @@ def run(config, workdir: str | pathlib.Path) -> dict:
         print(f"  baseline {name:<11} FID {base[name]['fid']:8.2f}   accuracy {base[name]['accuracy']:.3f}")
     print(f"wrote {out}")
     return rep
+
+
+def layout_prompts(n: int) -> list[dict]:
+    """`n` requests cycling digit fastest, then layout, then phrasing: [{'label', 'size', 'position',
+    'canvas', 'template', 'caption', 'box'}]."""
+    from flagdit_jax.data import mnist_t2i as m
+
+    lay = m.layouts()
+    out = []
+    for i in range(n):
+        label, rest = i % 10, i // 10
+        size, position, canvas = lay[rest % len(lay)]
+        template = (rest // len(lay)) % len(m.TEMPLATES)
+        out.append(dict(label=label, size=size, position=position, canvas=canvas, template=template,
+                        caption=m.caption_for(label, size, position, canvas, template),
+                        box=m.box_for(size, position, canvas)))
+    return out
+
+
+def run_layout(config, workdir: str | pathlib.Path) -> dict:
+    """Prompt following of a text-to-image run on the embedded data; writes `eval_<step>.json`."""
+    from flagdit_jax.data import mnist_t2i
+    from flagdit_jax.eval import classifier, layout_eval
+
+    workdir = pathlib.Path(workdir)
+    t0 = time.time()
+    params, s, step = sample.load_params(config, workdir, use_ema=config.sample.use_ema)
+    vae = sample._vae_of(config)
+    clf_params, info = classifier.load_or_train(workdir, steps=config.eval.get("classifier_steps") or None)
+    opts = dict(config.encode.get("options", {}))
+    real_train = mnist_t2i.MnistT2I("train", **opts)
+    idx = np.random.default_rng(0).permutation(len(real_train))[:2000]
+    recs = [real_train[int(i)] for i in idx]
+    st = {k: layout_eval.ink_stats(np.stack([r["image"] for r in recs if r["size"] == k and r["canvas"] == 0]))
+          for k in (0, 1)}
+    threshold = layout_eval.calibrate(st[0]["extent"], st[1]["extent"])
+
+    reqs = layout_prompts(config.eval.num_samples)
+    cond = sample.encode_prompts(config, s, [r["caption"] for r in reqs])
+    images = [None] * len(reqs)
+    f = vae.downsample if vae is not None else 1
+    for canvas, (h, w) in enumerate(mnist_t2i.CANVASES):
+        rows = [i for i, r in enumerate(reqs) if r["canvas"] == canvas]
+        if not rows:
+            continue
+        part = {k: v[rows] for k, v in cond.items()}
+        frames = sample.decode(vae, sample.generate(config, params, s, part, seed=config.seed + 1 + canvas,
+                                                    shape=(1, h // f, w // f), batch=config.eval.batch))
+        for i, img in zip(rows, frames[:, 0]):
+            images[i] = img
+    t_sample = time.time() - t0
+    get = lambda key: np.array([r[key] for r in reqs])  # noqa: E731
+    by_canvas = {}
+    scores = {"label": [], "digit": [], "position": [], "size": []}
+    for canvas, name in enumerate(mnist_t2i.CANVAS_NAMES):
+        rows = [i for i, r in enumerate(reqs) if r["canvas"] == canvas]
+        if rows:
+            by_canvas[name] = layout_eval.score(np.stack([images[i] for i in rows]), get("label")[rows],
+                                                get("box")[rows], get("size")[rows], classifier_params=clf_params,
+                                                size_threshold=threshold)
+    gen = _pool(by_canvas)
+    # The floor: real held-out renders read the same way.
+    real = mnist_t2i.MnistT2I("eval", **opts)
+    floor_parts = {}
+    for canvas, name in enumerate(mnist_t2i.CANVAS_NAMES):
+        rr = [real[i] for i in range(min(len(real), 3 * config.eval.num_samples)) if real.layout(i)[2] == canvas]
+        rr = rr[: max(1, config.eval.num_samples // 3)]
+        floor_parts[name] = layout_eval.score(np.stack([r["image"] for r in rr]), np.array([r["label"] for r in rr]),
+                                              np.stack([r["box"] for r in rr]), np.array([r["size"] for r in rr]),
+                                              classifier_params=clf_params, size_threshold=threshold)
+    rep = dict(step=step, n=len(reqs), generated=gen, by_canvas=by_canvas, real_floor=_pool(floor_parts),
+               size_threshold_px=threshold, classifier_heldout_accuracy=info.get("heldout_accuracy"),
+               sampler=dict(config.sample), sample_seconds=round(t_sample, 1),
+               eval_seconds=round(time.time() - t0, 1))
+    out = workdir / f"eval_{step}.json"
+    out.write_text(json.dumps(rep, indent=1))
+    path = workdir / f"eval_{step}.png"
+    order = sorted(range(len(reqs)), key=lambda i: (reqs[i]["canvas"], i))
+    for canvas, (h, w) in enumerate(mnist_t2i.CANVASES):  # one strip per canvas: the first 10 requests
+        rows = [i for i in order if reqs[i]["canvas"] == canvas][:10]
+        sample.save_grid(path.with_name(f"eval_{step}_{mnist_t2i.CANVAS_NAMES[canvas]}.png"),
+                         np.stack([images[i] for i in rows]), rows=1)
+    print(f"step {step}: {len(reqs)} prompts ({config.sample.method} x{config.sample.num_steps}, "
+          f"cfg {config.sample.cfg_scale}); {t_sample:.0f} s")
+    fl = rep["real_floor"]
+    print(f"  digit {gen['digit']:.3f}  position {gen['position']:.3f}  size {gen['size']:.3f}  all {gen['all']:.3f}"
+          f"   (real renders: {fl['digit']:.3f} / {fl['position']:.3f} / {fl['size']:.3f} / {fl['all']:.3f})")
+    for name, sc in by_canvas.items():
+        print(f"  {name:<6} digit {sc['digit']:.3f}  position {sc['position']:.3f}  size {sc['size']:.3f}  (n={sc['n']})")
+    print(f"wrote {out}")
+    return rep
+
+
+def _pool(parts: dict) -> dict:
+    """Sample-weighted mean of the share metrics of several `layout_eval.score` results."""
+    n = sum(p["n"] for p in parts.values())
+    return {"n": n, **{k: sum(p[k] * p["n"] for p in parts.values()) / n
+                       for k in ("digit", "position", "size", "all", "empty")}}

