@@ -80,3 +80,26 @@ def test_next_mnist_config_trains(tmp_path):
     train.train(c, tmp_path)
     losses = [json.loads(l)["loss"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert np.isfinite(losses).all() and losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("rel,arg,preset", [("configs/t2i/lumina_t2i.py", s, "lumina-t2i-5b") for s in ("256", "512", "1024")]
+                         + [("configs/t2i/lumina_next.py", "1024", "lumina-next-2b")])
+def test_t2i_paper_configs_are_the_reference_recipe(rel, arg, preset):
+    from flagdit_jax.data import buckets
+
+    c = load_config(rel, arg)
+    with pytest.raises(ValueError, match="config.data.options.data_dir"):
+        train.validate(c)  # the user's cache is required
+    c.data.options.data_dir = "/unused"
+    train.validate(c)
+    cfg = train.model_config(c)
+    assert abs(registry.count_params(cfg) / registry.REFERENCE_PARAMS[preset] - 1) < 0.01
+    # The bucket is the official max_seq_len of the stage's crop list (288 / 1088 / 4224 for Lumina-T2I).
+    assert c.data.buckets == buckets.crop_buckets(int(arg), cfg)
+    assert (c.optim.lr, c.flow.time_sampler, c.ema_decay, c.caption_dropout, c.model.dtype) == \
+        (1e-4, "uniform", 0.9999, 0.1, "bfloat16")
+    lumina_t2i = preset == "lumina-t2i-5b"
+    assert (c.global_batch, c.text_encoder.kind, cfg.cap_feat_dim) == \
+        ((512, "llama", 4096) if lumina_t2i else (256, "gemma", 2048))
+    if lumina_t2i:  # stages start from the previous stage's weights
+        assert c.init_from == {"256": "", "512": "runs/lumina_t2i_256", "1024": "runs/lumina_t2i_512"}[arg]
