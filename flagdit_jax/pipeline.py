@@ -171,11 +171,14 @@ class _FlowPipeline:
             raise ValueError(f"output_type={output_type!r} needs a VAE; pass vae= or use output_type='latent'")
 
     def _run(self, cond, uncond, batch, height, width, *, num_inference_steps, guidance_scale, seed, latents,
-             output_type, method, shift, grid, cfg_channels, options, atol=1e-6, rtol=1e-3):
+             output_type, method, shift, grid, cfg_channels, options, atol=1e-6, rtol=1e-3, t_grid=None):
+        """The guided ODE from `latents` (or noise from `seed`) over `t_grid` (default: the named
+        `grid` from 0 to 1; `applications.editing` starts later), decoded to `output_type`."""
         self._check(height, width, output_type)
         if method not in samplers.ODE_METHODS:
             raise ValueError(f"method={method!r}; expected one of {samplers.ODE_METHODS}")
-        t_grid = make_grid(grid, num_inference_steps, shift)
+        if t_grid is None:
+            t_grid = make_grid(grid, num_inference_steps, shift)
         c = self.cfg
         h, w = height // self.downsample, width // self.downsample
         if latents is None:
@@ -190,6 +193,10 @@ class _FlowPipeline:
                           shape=(2 * batch, h, w), method=method, tolerances=(float(atol), float(rtol)),
                           options=options, cfg_channels=cfg_channels)
         out = tok.unpack(x1.reshape(x1.shape[:2] + (-1,)), packed)[:, 0]  # [B, h, w, C]
+        return self._output(out, output_type)
+
+    def _output(self, out, output_type):
+        """Latents `[B, h, w, C]` -> `output_type` ('latent': as they are; 'np' / 'pil': VAE-decoded)."""
         if output_type == "latent":
             return out
         images = self.vae.decode(out / self.vae.scaling_factor + getattr(self.vae, "shift_factor", 0.0))

@@ -6,7 +6,10 @@
   Each concrete config names its `kind`; `models.registry.MODEL_KINDS` maps a kind to its
   (config, module) pair for `build`, checkpoints and converters.
 * `InferenceOptions`: the inference-time options of a forward pass (RoPE scaling, proportional
-  attention, context drop) as one frozen, hashable value, the `options=` of every model call.
+  attention, context drop, style sharing) as one frozen, hashable value, the `options=` of every
+  model call.
+* `RegionalCaptions`: per-region captions for compositional generation (the `regions=` of a T2I
+  model call, `applications/compositional.py`).
 * The shared front and checks: token embedding with the learnable special tokens, the adaLN
   condition, and the input validation every model runs first.
 
@@ -22,6 +25,8 @@ import numbers
 from typing import ClassVar
 
 import flax.linen as nn
+import flax.struct
+import jax
 import jax.numpy as jnp
 
 from flagdit_jax import tokens as tok
@@ -159,6 +164,11 @@ class InferenceOptions:
     context_drop: r > 1 average-pools self-attention keys/values over r x r patches (Lumina-Next's
       Context Drop). Next-DiT only; needs one latent size per batch and no [PAD].
     context_drop_until: time-aware context drop: pool only while t < this (None: at every t).
+    style_groups: style-consistent batches (REFERENCE.md §6, `applications/style.py`): g >= 1
+      splits the batch into g equal consecutive groups (g = 2 for a pipeline's [cond; uncond] CFG
+      batch); in self-attention every image of a group also attends to the keys/values of the
+      group's first image (its reference), whose own output is unchanged. 0 = off (no extra work).
+      Flag-DiT and Next-DiT; needs one latent size per batch (no [PAD]) and no context drop.
     """
 
     ntk_factor: float = 1.0
@@ -170,6 +180,7 @@ class InferenceOptions:
     rope_train_len: int | None = None
     context_drop: int = 1
     context_drop_until: float | None = None
+    style_groups: int = 0
 
     def __post_init__(self):
         for name in ("ntk_factor", "pi_factor", "scale_factor"):
@@ -177,12 +188,17 @@ class InferenceOptions:
             if isinstance(v, bool) or not isinstance(v, numbers.Real) or not v > 0:
                 raise ValueError(f"{name}={v!r} must be a positive number")
             object.__setattr__(self, name, float(v))  # 2 and 2.0 are one option (one hash, one compile)
-        for name, lo in (("base_seqlen", 2), ("rope_train_len", 1), ("context_drop", 1)):
+        for name, lo in (("base_seqlen", 2), ("rope_train_len", 1), ("context_drop", 1), ("style_groups", 0)):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < lo):
                 raise ValueError(f"{name}={v!r} must be an integer >= {lo}")
         if self.context_drop is None:
             raise ValueError("context_drop=None; use 1 for no context drop")
+        if self.style_groups is None:
+            raise ValueError("style_groups=None; use 0 for no style sharing")
+        if self.style_groups and self.context_drop != 1:
+            raise ValueError(f"style_groups={self.style_groups} cannot be combined with context_drop="
+                             f"{self.context_drop} (the shared keys/values would be pooled)")
         for name in ("scale_watershed", "context_drop_until"):
             v = getattr(self, name)
             if v is None and name == "context_drop_until":
@@ -217,6 +233,45 @@ def resolve_options(options: InferenceOptions | None, supported: tuple[str, ...]
         raise ValueError(f"options must be a models.common.InferenceOptions (or None), got {type(options).__name__}")
     options.check_supported(supported, model)
     return options
+
+
+# ------------------------------------------------------------------------------------------------
+# regional captions (compositional generation)
+# ------------------------------------------------------------------------------------------------
+
+
+@flax.struct.dataclass
+class RegionalCaptions:
+    """K captions per image, each confined to a region of the image tokens (REFERENCE.md §6,
+    LT `lumina_next_compositional_generation/models/model.py`). Passed as `regions=` to a T2I
+    model call, it replaces `cap_feats` / `cap_mask` in every cross-attention (which then still
+    feed the pooled-caption adaLN embedding: the global caption); token l of image b gets
+    sum_k [region[b, k, l]] * CrossAttn(q_l, caption k), zero where no region covers it.
+
+    Attributes:
+      feats: `[B, K, S, cap_feat_dim]` caption features.
+      mask: `[B, K, S]` bool caption masks (an all-False caption contributes nothing).
+      region: `[B, K, L]` bool, token l is in region k (L = the packed sequence length).
+    """
+
+    feats: jax.Array
+    mask: jax.Array
+    region: jax.Array
+
+
+def check_regions(cfg: "ModelConfig", regions, batch: int, seq_len: int) -> None:
+    """Raise a ValueError naming a malformed `regions` (`RegionalCaptions`) before any compute."""
+    if not isinstance(regions, RegionalCaptions):
+        raise ValueError(f"regions must be a models.common.RegionalCaptions, got {type(regions).__name__}")
+    if not cfg.text_conditional:
+        raise ValueError("regions (regional captions) need a text-conditional model (cap_feat_dim > 0)")
+    f, m, r = regions.feats, regions.mask, regions.region
+    if f.ndim != 4 or f.shape[0] != batch or f.shape[-1] != cfg.cap_feat_dim:
+        raise ValueError(f"regions.feats must be [B={batch}, K, S, {cfg.cap_feat_dim}], got {f.shape}")
+    if m.shape != f.shape[:3]:
+        raise ValueError(f"regions.mask must be [B, K, S]={f.shape[:3]}, got {m.shape}")
+    if r.shape != (batch, f.shape[1], seq_len):
+        raise ValueError(f"regions.region must be [B, K, L]={(batch, f.shape[1], seq_len)}, got {r.shape}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -272,7 +327,16 @@ def has_pads(packed: tok.Packed) -> bool:
     return packed.has_pads
 
 
-def check_inputs(cfg: ModelConfig, packed, t, y, cap_feats, cap_mask) -> None:
+def cross_attention_inputs(cap_feats, cap_mask, regions, dtype):
+    """`(y, y_mask, y_region)` for the blocks' cross-attention: the caption, or the regional
+    captions when `regions` is given (`y_region` None otherwise)."""
+    if regions is None:
+        return cap_feats, cap_mask, None
+    return regions.feats.astype(dtype), regions.mask.astype(bool), regions.region.astype(bool)
+
+
+def check_inputs(cfg: ModelConfig, packed, t, y, cap_feats, cap_mask, *, regions=None,
+                 options: InferenceOptions | None = None) -> None:
     """Raise a ValueError naming the bad input before any compute."""
     p, c = cfg.patch_size, cfg.in_channels
     if packed.patch_size != p or packed.tokens.shape[-1] != p * p * c:
@@ -299,3 +363,11 @@ def check_inputs(cfg: ModelConfig, packed, t, y, cap_feats, cap_mask) -> None:
         if y is None or y.shape != (b,):
             raise ValueError(f"a class-conditional model needs labels y of shape ({b},), got "
                              f"{None if y is None else y.shape}")
+    if regions is not None:
+        check_regions(cfg, regions, b, packed.tokens.shape[1])
+    if options is not None and options.style_groups:
+        if b % options.style_groups:
+            raise ValueError(f"style_groups={options.style_groups} must divide the batch size {b}")
+        if has_pads(packed):
+            raise ValueError("style_groups needs one latent size per batch (no [PAD] tokens); got sizes "
+                             f"{None if packed.shapes is None else sorted(set(packed.shapes))}")

@@ -31,9 +31,10 @@ class FlagDiTBlock(nn.Module):
     h = x + g_msa * Attn(mod(RMSNorm(x))); out = h + g_mlp * FFN(mod(RMSNorm(h)))."""
 
     cfg: FlagDiTConfig
+    style_groups: int = 0  # InferenceOptions.style_groups (static; no parameters)
 
     @nn.compact
-    def __call__(self, x, c, angles, mask, y=None, y_mask=None, *, scale=None):
+    def __call__(self, x, c, angles, mask, y=None, y_mask=None, *, scale=None, y_region=None):
         cfg = self.cfg
         kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = L.AdaLNModulation(
@@ -41,9 +42,9 @@ class FlagDiTBlock(nn.Module):
         )(c)
         if y is not None:
             y = L.RMSNorm(cfg.norm_eps, name="attention_y_norm", **kw)(y)
-        a = L.Attention(cfg, name="attention")(
+        a = L.Attention(cfg, self.style_groups, name="attention")(
             L.modulate(L.RMSNorm(cfg.norm_eps, name="attention_norm", **kw)(x), shift_msa, scale_msa),
-            angles, mask, y, y_mask, scale=scale,
+            angles, mask, y, y_mask, scale=scale, y_region=y_region,
         )
         x = x + gate_msa[:, None] * a
         f = L.SwiGLU(cfg.ffn_hidden, name="feed_forward", **kw)(
@@ -57,7 +58,7 @@ class FlagDiT(nn.Module):
     """Flag-DiT over a packed token sequence.
 
     `__call__(packed, t, y=None, cap_feats=None, cap_mask=None, *, options=None, train=False,
-    force_drop=None)` returns the velocity sequence `[B, L, p*p*C]` (C input channels; unpack it
+    force_drop=None, regions=None)` returns the velocity sequence `[B, L, p*p*C]` (C input channels; unpack it
     with `tokens.unpack`).
 
     Args:
@@ -66,20 +67,23 @@ class FlagDiT(nn.Module):
       y: `[B]` int class labels (class-conditional; id num_classes = null class).
       cap_feats, cap_mask: `[B, S, cap_feat_dim]` caption features and `[B, S]` mask (T2I).
       options: `common.InferenceOptions`; Flag-DiT uses ntk_factor, pi_factor (RoPE theta scaling
-        and position interpolation) and base_seqlen (proportional attention), REFERENCE.md §4.
+        and position interpolation), base_seqlen (proportional attention), REFERENCE.md §4, and
+        style_groups (shared self-attention, §6).
       train: enables label dropout (rng 'dropout'); force_drop: `[B]` bool, null label where True.
+      regions: `common.RegionalCaptions` (T2I): per-region captions for every cross-attention
+        (compositional generation); cap_feats / cap_mask then only give the pooled adaLN caption.
     """
 
     cfg: FlagDiTConfig
 
-    OPTIONS = ("ntk_factor", "pi_factor", "base_seqlen")
+    OPTIONS = ("ntk_factor", "pi_factor", "base_seqlen", "style_groups")
 
     @nn.compact
     def __call__(self, packed, t, y=None, cap_feats=None, cap_mask=None, *, options=None, train=False,
-                 force_drop=None):
+                 force_drop=None, regions=None):
         cfg = self.cfg
         opts = common.resolve_options(options, self.OPTIONS, "Flag-DiT")
-        common.check_inputs(cfg, packed, t, y, cap_feats, cap_mask)
+        common.check_inputs(cfg, packed, t, y, cap_feats, cap_mask, regions=regions, options=opts)
         dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         x, c, cap_feats = common.embed_inputs(self, cfg, packed, t, y, cap_feats, cap_mask, train, force_drop)
 
@@ -90,10 +94,12 @@ class FlagDiT(nn.Module):
         scale = None if opts.base_seqlen is None else L.proportional_scale(seq_len, opts.base_seqlen, cfg.head_dim)
         # Pads are masked as keys (the T2I reference's key mask); with no pads, no mask at all.
         mask = packed.mask if common.has_pads(packed) else None
+        y, y_mask, y_region = common.cross_attention_inputs(cap_feats, cap_mask, regions, dtype)
         block = L.remat_block(FlagDiTBlock, cfg.remat)
         x = L.constrain(x, ("activation_batch", "activation_length", "activation_embed"))
         for i in range(cfg.n_layers):
-            x = block(cfg, name=f"layers_{i}")(x, c, angles, mask, cap_feats, cap_mask, scale=scale)
+            x = block(cfg, opts.style_groups, name=f"layers_{i}")(x, c, angles, mask, y, y_mask, scale=scale,
+                                                                 y_region=y_region)
             self.sow("intermediates", f"out:layers_{i}", x)
         out = L.FinalLayer(cfg.dim, cfg.patch_size**2 * cfg.out_channels, name="final_layer", dtype=dtype,
                            param_dtype=pdtype)(x, c)

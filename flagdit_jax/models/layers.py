@@ -14,6 +14,7 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Dtype = Any
 Initializer = Callable[..., jax.Array]
@@ -463,6 +464,15 @@ class AdaLNModulation(nn.Module):
 # ----------------------------------------------------------------------------------------------
 
 
+def style_references(batch: int, groups: int):
+    """Static `[batch]` index of each image's style reference: the first image of its group, the
+    batch being `groups` equal consecutive groups (`InferenceOptions.style_groups`)."""
+    if groups < 1 or batch % groups:
+        raise ValueError(f"style_groups={groups} must divide the batch size {batch}")
+    size = batch // groups
+    return np.arange(batch) // size * size
+
+
 class Attention(nn.Module):
     """Lumina attention: self-attention with full-width QK LayerNorm and RoPE; optional zero-init
     gated cross-attention to text that shares the (normed, rotated) query and is added per head,
@@ -470,19 +480,24 @@ class Attention(nn.Module):
     unchanged, §5).
 
     `cfg` is a Lumina model config (`dim`, `n_heads`, `kv_heads`, `head_dim`, `qk_norm`, `dtype`,
-    `param_dtype`, `attention`).
+    `param_dtype`, `attention`). `style_groups` > 0 turns on style sharing
+    (`common.InferenceOptions.style_groups`); it adds no parameters.
     """
 
     cfg: Any
+    style_groups: int = 0
 
     @nn.compact
-    def __call__(self, x, angles, mask, y=None, y_mask=None, *, scale=None, kv_pool=None):
+    def __call__(self, x, angles, mask, y=None, y_mask=None, *, scale=None, kv_pool=None, y_region=None):
         """x `[B, L, dim]`, angles `[B, L, head_dim/2]`, mask `[B, L]` or None, y `[B, S, cap_dim]` and
         y_mask `[B, S]` (cross-attention) or None -> `[B, L, dim]`.
 
         scale: self-attention softmax scale (None = 1/sqrt(head_dim); proportional attention).
         kv_pool: None, or `(grid, pred)` for context drop: grid = (T, H/p, W/p, r) static, pred a
         traced bool (pool while True; None = always). See `pool_keys_values`.
+        y_region: regional captions (compositional generation, `common.RegionalCaptions`): with it
+        y is `[B, K, S, cap_dim]`, y_mask `[B, K, S]` and y_region `[B, K, L]` bool; see
+        `_regional_cross_attention`.
         """
         cfg = self.cfg
         b, l, _ = x.shape
@@ -495,32 +510,75 @@ class Attention(nn.Module):
             xq = LayerNorm(1e-5, name="q_norm", **kw)(xq)
             xk = LayerNorm(1e-5, name="k_norm", **kw)(xk)
 
-        def heads(z, n):  # [B, L, n*hd] -> [B, n, L, hd]
-            return z.reshape(b, -1, n, hd).transpose(0, 2, 1, 3)
+        def heads(z, n):  # [..., L, n*hd] -> [..., n, L, hd]
+            z = z.reshape(*z.shape[:-1], n, hd)
+            return jnp.swapaxes(z, -3, -2)
 
         q = apply_rope(heads(xq, h), angles)
-        k = apply_rope(heads(xk, hkv), angles)
+        k_pre = heads(xk, hkv)
+        k = apply_rope(k_pre, angles)
         v = heads(xv, hkv)
         q = constrain(q, ("activation_batch", "activation_heads", "activation_length", "activation_kv"))
-        full = lambda: dot_product_attention(q, k, v, key_mask=mask, scale=scale, implementation=cfg.attention)
-        if kv_pool is None:
-            out = full()
+        if self.style_groups:
+            out = self._shared_self_attention(q, k, v, k_pre, angles, mask, scale)
         else:
-            grid, pred = kv_pool
-            pooled = lambda: dot_product_attention(q, pool_keys_values(k, grid), pool_keys_values(v, grid),
-                                                   scale=scale, implementation=cfg.attention)
-            out = pooled() if pred is None else jax.lax.cond(pred, pooled, full)
+            full = lambda: dot_product_attention(q, k, v, key_mask=mask, scale=scale, implementation=cfg.attention)
+            if kv_pool is None:
+                out = full()
+            else:
+                grid, pred = kv_pool
+                pooled = lambda: dot_product_attention(q, pool_keys_values(k, grid), pool_keys_values(v, grid),
+                                                       scale=scale, implementation=cfg.attention)
+                out = pooled() if pred is None else jax.lax.cond(pred, pooled, full)
         if y is not None:
             yk = Dense(hkv * hd, ("caption", "kv_heads"), name="wk_y", **kw)(y)
             if cfg.qk_norm:
                 yk = LayerNorm(1e-5, name="ky_norm", **kw)(yk)
             yv = Dense(hkv * hd, ("caption", "kv_heads"), name="wv_y", **kw)(y)
-            out_y = dot_product_attention(q, heads(yk, hkv), heads(yv, hkv), key_mask=y_mask,
-                                          implementation=cfg.attention)
+            if y_region is None:
+                out_y = dot_product_attention(q, heads(yk, hkv), heads(yv, hkv), key_mask=y_mask,
+                                              implementation=cfg.attention)
+            else:
+                out_y = _regional_cross_attention(q, heads(yk, hkv), heads(yv, hkv), y_mask, y_region,
+                                                  cfg.attention)
             gate = self.param("gate", nn.with_logical_partitioning(zeros, ("heads_gate",)), (h,), kw["param_dtype"])
             out = out + jnp.tanh(gate.astype(out.dtype))[None, :, None, None] * out_y
         out = out.transpose(0, 2, 1, 3).reshape(b, l, h * hd)
         return Dense(cfg.dim, ("heads", "embed"), name="wo", **kw)(out)
+
+    def _shared_self_attention(self, q, k, v, k_pre, angles, mask, scale):
+        """Style sharing (REFERENCE.md §6, StyleAligned-like; no official code): image b attends to
+        its own keys and to its group reference's keys/values; the reference keys are taken before
+        RoPE and rotated at their positions in image b (one latent size per batch, so token j of
+        the reference sits where token j of b does, under b's RoPE scaling). The reference's
+        own copy of its keys is masked out, so its output is its plain self-attention."""
+        b, l = q.shape[0], q.shape[2]
+        ref = style_references(b, self.style_groups)
+        own = jnp.ones((b, l), bool) if mask is None else mask
+        k_ref = apply_rope(k_pre[ref], angles)
+        ref_mask = own[ref] & jnp.asarray(ref != np.arange(b))[:, None]
+        return dot_product_attention(q, jnp.concatenate([k, k_ref], axis=2), jnp.concatenate([v, v[ref]], axis=2),
+                                     key_mask=jnp.concatenate([own, ref_mask], axis=1), scale=scale,
+                                     implementation=self.cfg.attention)
+
+
+def _regional_cross_attention(q, yk, yv, y_mask, y_region, implementation):
+    """Compositional cross-attention (REFERENCE.md §6; LT `lumina_next_compositional_generation/
+    models/model.py: Attention.forward`): each of K captions is attended by the image's queries with
+    mask = caption mask AND region mask, and the K outputs are summed.
+
+    q `[B, H, L, hd]`; yk, yv `[B, K, Hkv, S, hd]`; y_mask `[B, K, S]`; y_region `[B, K, L]` ->
+    `[B, H, L, hd]`. The official code lets the fully masked rows (tokens outside region k) go NaN
+    and zeroes them (`nan_to_num`); here region k's output is multiplied by its 0/1 region mask
+    instead (the same result, no NaN), and a caption with no valid token contributes nothing.
+    """
+    b, n_k, hkv, s, hd = yk.shape
+    h, l = q.shape[1], q.shape[2]
+    qk = jnp.broadcast_to(q[:, None], (b, n_k, h, l, hd)).reshape(b * n_k, h, l, hd)
+    out = dot_product_attention(qk, yk.reshape(b * n_k, hkv, s, hd), yv.reshape(b * n_k, hkv, s, hd),
+                                key_mask=y_mask.reshape(b * n_k, s), implementation=implementation)
+    weight = (y_region & jnp.any(y_mask, axis=-1, keepdims=True)).astype(out.dtype)  # [B, K, L]
+    return jnp.sum(out.reshape(b, n_k, h, l, hd) * weight[:, :, None, :, None], axis=1)
 
 
 def pool_keys_values(z: jax.Array, grid: tuple[int, int, int, int]) -> jax.Array:

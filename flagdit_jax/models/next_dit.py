@@ -66,18 +66,19 @@ class NextDiTBlock(nn.Module):
     x += tanh(g_msa) * RMSNorm2(Attn(RMSNorm1(x) * (1 + s_msa))); same for the FFN."""
 
     cfg: NextDiTConfig
+    style_groups: int = 0  # InferenceOptions.style_groups (static; no parameters)
 
     @nn.compact
-    def __call__(self, x, c, angles, mask, y=None, y_mask=None, *, scale=None, kv_pool=None):
+    def __call__(self, x, c, angles, mask, y=None, y_mask=None, *, scale=None, kv_pool=None, y_region=None):
         cfg = self.cfg
         kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
         scale_msa, gate_msa, scale_mlp, gate_mlp = L.AdaLNModulation(cfg.dim, 4, name="adaLN_modulation", **kw)(c)
         pre = dict(eps=cfg.norm_eps, use_scale=cfg.pre_norm_affine, **kw)
         if y is not None:
             y = L.RMSNorm(cfg.norm_eps, name="attention_y_norm", **kw)(y)
-        a = L.Attention(cfg, name="attention")(
+        a = L.Attention(cfg, self.style_groups, name="attention")(
             L.modulate(L.RMSNorm(name="attention_norm1", **pre)(x), None, scale_msa), angles, mask, y, y_mask,
-            scale=scale, kv_pool=kv_pool)
+            scale=scale, kv_pool=kv_pool, y_region=y_region)
         x = x + jnp.tanh(gate_msa)[:, None] * L.RMSNorm(cfg.norm_eps, name="attention_norm2", **kw)(a)
         f = L.SwiGLU(cfg.ffn_hidden, name="feed_forward", **kw)(
             L.modulate(L.RMSNorm(name="ffn_norm1", **pre)(x), None, scale_mlp))
@@ -89,7 +90,7 @@ class NextDiT(nn.Module):
     """Next-DiT over a packed token sequence.
 
     `__call__(packed, t, y=None, cap_feats=None, cap_mask=None, *, options=None, train=False,
-    force_drop=None)` returns the velocity sequence `[B, L, p*p*C]`; unpack it with `tokens.unpack`.
+    force_drop=None, regions=None)` returns the velocity sequence `[B, L, p*p*C]`; unpack it with `tokens.unpack`.
 
     Args:
       packed: `tokens.Packed` (`tokens.pack_for(cfg, frames)`; no [nextline] unless the config asks).
@@ -99,21 +100,24 @@ class NextDiT(nn.Module):
       options: `common.InferenceOptions`, every field: fixed RoPE scaling (ntk_factor, pi_factor: the
         ImageNet `forward_with_cfg(ntk_factor=, rope_scaling_factor=)`), Lumina-Next's extrapolation
         RoPE (scale_factor with the watershed switch of the released code, or the paper's
-        frequency-/time-aware forms), proportional attention (base_seqlen) and context drop. The
+        frequency-/time-aware forms), proportional attention (base_seqlen), context drop and
+        style sharing (style_groups, REFERENCE.md §6). The
         watershed switch and time-aware context drop decide per call from the batch's t (context
         drop from t[0], through `lax.cond` so only one branch runs); samplers call with one t.
       train: enables label dropout (rng 'dropout'); force_drop: `[B]` bool, null label where True.
+      regions: `common.RegionalCaptions` (T2I): per-region captions for every cross-attention
+        (compositional generation); cap_feats / cap_mask then only give the pooled adaLN caption.
     """
 
     cfg: NextDiTConfig
 
     @nn.compact
     def __call__(self, packed, t, y=None, cap_feats=None, cap_mask=None, *, options=None, train=False,
-                 force_drop=None):
+                 force_drop=None, regions=None):
         cfg = self.cfg
         opts = common.resolve_options(options, tuple(f.name for f in dataclasses.fields(common.InferenceOptions)),
                                       "Next-DiT")
-        common.check_inputs(cfg, packed, t, y, cap_feats, cap_mask)
+        common.check_inputs(cfg, packed, t, y, cap_feats, cap_mask, regions=regions, options=opts)
         dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         x, c, cap_feats = common.embed_inputs(self, cfg, packed, t, y, cap_feats, cap_mask, train, force_drop)
 
@@ -145,10 +149,12 @@ class NextDiT(nn.Module):
                 raise ValueError(f"context_drop={opts.context_drop} must divide the token grid {grid[1]}x{grid[2]}")
             until = opts.context_drop_until
             kv_pool = (grid, None if until is None else t[0] < until)
+        y, y_mask, y_region = common.cross_attention_inputs(cap_feats, cap_mask, regions, dtype)
         block = L.remat_block(NextDiTBlock, cfg.remat)
         x = L.constrain(x, ("activation_batch", "activation_length", "activation_embed"))
         for i in range(cfg.n_layers):
-            x = block(cfg, name=f"layers_{i}")(x, c, angles, mask, cap_feats, cap_mask, scale=scale, kv_pool=kv_pool)
+            x = block(cfg, opts.style_groups, name=f"layers_{i}")(x, c, angles, mask, y, y_mask, scale=scale,
+                                                                 kv_pool=kv_pool, y_region=y_region)
             self.sow("intermediates", f"out:layers_{i}", x)
         out = L.FinalLayer(cfg.dim, cfg.patch_size**2 * cfg.out_channels, use_shift=cfg.final_shift,
                            name="final_layer", dtype=dtype, param_dtype=pdtype)(x, c)
