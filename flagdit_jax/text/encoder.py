@@ -135,16 +135,18 @@ def _bert_max_length(folder: pathlib.Path, cfg: BertConfig) -> int:
 
 def load_text_encoder(path: str | pathlib.Path, kind: str | None = None, *, dtype: Any = "float32",
                       max_length: int | None = None, hidden_layer: int | None = None,
-                      pad_multiple: int = 8) -> TextEncoder:
+                      pad_multiple: int = 8, tokenizer_path: str | pathlib.Path | None = None) -> TextEncoder:
     """Load a transformers checkpoint folder as a `TextEncoder`.
 
     kind: 'llama' | 'gemma' | 'bert'; default (None) config.json's model_type, which it must match
     when given. dtype: params and compute dtype ('float32', 'bfloat16', 'float16'; features are
     returned as float32). max_length / hidden_layer: override the kind's (table in the module
     docstring); hidden_layer indexes transformers' `hidden_states` (-1 = last_hidden_state).
-    Torch is not used.
+    tokenizer_path: the folder holding tokenizer.json when it is not `path` (diffusers pipelines keep
+    it in a sibling `tokenizer/`). Torch is not used.
     """
     folder = pathlib.Path(path)
+    tok_folder = pathlib.Path(tokenizer_path) if tokenizer_path is not None else folder
     config = weights.read_config(folder)
     model_type = config.get("model_type")
     if kind is None:
@@ -154,8 +156,8 @@ def load_text_encoder(path: str | pathlib.Path, kind: str | None = None, *, dtyp
                          f"expected one of {sorted(KINDS)}")
     if model_type is not None and model_type != kind:
         raise ValueError(f"kind={kind!r} but {str(folder / weights.CONFIG_NAME)!r} says model_type={model_type!r}")
-    if not (folder / TOKENIZER_NAME).is_file():
-        raise ValueError(f"{str(folder / TOKENIZER_NAME)!r} is missing: the text encoder needs the fast "
+    if not (tok_folder / TOKENIZER_NAME).is_file():
+        raise ValueError(f"{str(tok_folder / TOKENIZER_NAME)!r} is missing: the text encoder needs the fast "
                          "tokenizer file (tokenizer.save_pretrained writes it)")
     weights.weight_files(folder)  # missing weights fail here, before any tracing
     recipe = KINDS[kind]
@@ -183,7 +185,7 @@ def load_text_encoder(path: str | pathlib.Path, kind: str | None = None, *, dtyp
             bos_eos = (int(config["bos_token_id"]), int(eos[0] if isinstance(eos, list) else eos))
         # LLaMA: the official code pads with 0 whatever the tokenizer's pad id; Gemma: its <pad> (0).
         pad_id = 0 if kind == "llama" else int(config.get("pad_token_id") or 0)
-    tokenizer = Tokenizer(folder / TOKENIZER_NAME, max_length=max_length, pad_id=pad_id, pad_multiple=pad_multiple,
+    tokenizer = Tokenizer(tok_folder / TOKENIZER_NAME, max_length=max_length, pad_id=pad_id, pad_multiple=pad_multiple,
                           truncation=recipe["truncation"], bos_eos=bos_eos)
     dummy = jnp.zeros((1, pad_multiple), jnp.int32)
     abstract = weights.abstract_params(module, dummy, jnp.ones((1, pad_multiple), bool))
