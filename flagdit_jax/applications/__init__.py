@@ -43,6 +43,14 @@ def sampler_settings(pipe, num_inference_steps=None, method=None, shift=None) ->
                 method=d["method"] if method is None else method, shift=d["shift"] if shift is None else shift)
 
 
+def guidance_channels(pipe, cfg_channels):
+    """The pipeline's `cfg_channels`: 'official' = the reference's CFG on the first 3 latent
+    channels (REFERENCE.md §4) when there are more than 3, else on all of them (None)."""
+    if cfg_channels == "official":
+        return 3 if pipe.cfg.in_channels > 3 else None
+    return cfg_channels
+
+
 def caption_batches(pipe, prompt=None, negative_prompt=None, prompt_embeds=None, negative_prompt_embeds=None):
     """`(cond, uncond)` dicts of `cap_feats [B, S, D]`, `cap_mask [B, S]` (one common S), from
     prompts (the pipeline's text encoder; negative default '') or from `prompt_embeds` =

@@ -118,7 +118,7 @@ def compositional(pipe, prompts: Sequence[str] | None, boxes, height: int | None
                   negative_embeds=None, num_images: int = 1, num_inference_steps: int | None = None,
                   guidance_scale: float = 4.0, seed=None, latents=None, output_type: str = "latent",
                   method: str | None = None, shift: float | None = None, grid: str = "lumina",
-                  cfg_channels: int | None = 3, uncond_pooled: str = "global", **option_kw):
+                  cfg_channels: int | str | None = "official", uncond_pooled: str = "global", **option_kw):
     """Sample `num_images` images where prompt k describes box k.
 
     Args:
@@ -157,8 +157,9 @@ def compositional(pipe, prompts: Sequence[str] | None, boxes, height: int | None
                                    boxes, units=units, downsample=d, batch=num_images, uncond_pooled=uncond_pooled)
     options = pipe.inference_options(height, width, **option_kw)
     return pipe._run(cond, uncond, num_images, height, width, guidance_scale=guidance_scale, seed=seed,
-                     latents=latents, output_type=output_type, grid=grid, cfg_channels=cfg_channels,
-                     options=options, **apps.sampler_settings(pipe, num_inference_steps, method, shift))
+                     latents=latents, output_type=output_type, grid=grid,
+                     cfg_channels=apps.guidance_channels(pipe, cfg_channels), options=options,
+                     **apps.sampler_settings(pipe, num_inference_steps, method, shift))
 
 
 def run_compositional(pipe, prompts: Sequence[str], boxes, out, *, height: int | None = None,

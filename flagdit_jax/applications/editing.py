@@ -70,7 +70,7 @@ def channel_normalize(out: jax.Array, source: jax.Array, eps: float = 1e-6) -> j
 
 
 def source_latents(pipe, height: int, width: int, *, latents=None, images=None) -> jax.Array:
-    """The source latent x1 `[B, height/f, width/f, C]`: `images` `[B, H, W, 3]` in [-1, 1] resized to
+    """The source latent x1 `[B, height/f, width/f, C]`: `images` `[B, H, W, c]` in [-1, 1] resized to
     `height` x `width` (bicubic, as the official PIL resize) and encoded by `pipe.vae.encode` (which
     returns scaled latents), or `latents` `[B, h, w, C]` resized in latent space."""
     if (latents is None) == (images is None):
@@ -80,9 +80,10 @@ def source_latents(pipe, height: int, width: int, *, latents=None, images=None) 
         if pipe.vae is None or not hasattr(pipe.vae, "encode"):
             raise ValueError("encoding images needs a VAE with encode(images) -> scaled latents; or pass latents=")
         images = jnp.asarray(images, jnp.float32)
-        if images.ndim != 4 or images.shape[-1] != 3:
-            raise ValueError(f"images must be [B, H, W, 3] in [-1, 1], got shape {images.shape}")
-        images = jnp.clip(jax.image.resize(images, (images.shape[0], height, width, 3), method="bicubic"), -1, 1)
+        if images.ndim != 4:
+            raise ValueError(f"images must be [B, H, W, c] in [-1, 1], got shape {images.shape}")
+        images = jnp.clip(jax.image.resize(images, (images.shape[0], height, width, images.shape[3]),
+                                           method="bicubic"), -1, 1)
         latents = pipe.vae.encode(images)
     latents = jnp.asarray(latents, jnp.float32)
     if latents.ndim != 4 or latents.shape[-1] != pipe.cfg.in_channels:
@@ -95,7 +96,7 @@ def edit(pipe, prompt=None, height: int | None = None, width: int | None = None,
          negative_prompt=None, negative_prompt_embeds=None, num_inference_steps: int | None = None,
          guidance_scale: float = 4.0, seed=None, noise=None, output_type: str = "latent",
          method: str | None = None, shift: float | None = None, grid: str = "lumina",
-         cfg_channels: int | None = 3, normalize: str = "none", **option_kw):
+         cfg_channels: int | str | None = "official", normalize: str = "none", **option_kw):
     """Edit source latents (or images) with a new prompt, possibly at a larger size.
 
     Args:
@@ -103,7 +104,7 @@ def edit(pipe, prompt=None, height: int | None = None, width: int | None = None,
       prompt / prompt_embeds (+ negative_*): the new caption(s), one per source image.
       height, width: output pixels (default: the source's); a larger size upsamples the source.
       source: source latents `[B, h, w, C]` (scaled, as the pipeline samples them); or
-        source_images `[B, H, W, 3]` in [-1, 1] with a VAE that has `encode`.
+        source_images `[B, H, W, c]` in [-1, 1] with a VAE that has `encode` (`autoencoder.kl.VAE`).
       strength / start_time: where the ODE starts (`edit_grid`; default: official strength 0.6).
       noise: eps `[B, h, w, C]` (default: drawn from `seed`).
       normalize: 'none' or 'source' (`channel_normalize` against the source latent).
@@ -141,8 +142,8 @@ def edit(pipe, prompt=None, height: int | None = None, width: int | None = None,
     else:
         options = pipe.inference_options(height, width, **option_kw)
         out = pipe._run(cond, uncond, batch, height, width, guidance_scale=guidance_scale, seed=None, latents=z,
-                        output_type="latent", grid=grid, cfg_channels=cfg_channels, options=options,
-                        t_grid=t_grid, **s)
+                        output_type="latent", grid=grid, cfg_channels=apps.guidance_channels(pipe, cfg_channels),
+                        options=options, t_grid=t_grid, **s)
     if normalize == "source":
         out = channel_normalize(out, x1)
     return pipe._output(out, output_type)

@@ -62,12 +62,13 @@ def variants(pipe, height: int, width: int) -> dict[str, tuple[Opts, float]]:
 
 def extrapolate(pipe, prompt=None, sizes=None, *, names=None, prompt_embeds=None, negative_prompt=None,
                 negative_prompt_embeds=None, num_inference_steps: int | None = None, guidance_scale: float = 4.0,
-                seed=0, method: str | None = None, grid: str = "lumina", cfg_channels: int | None = 3):
+                seed=0, method: str | None = None, grid: str = "lumina", cfg_channels: int | str | None = "official",
+                include_train: bool = True):
     """Sample the same prompts (and noise per size) at the training size and at each of `sizes`
     ((height, width) pixels; default: 2x the training area, (S, 2S)) with every `variants` entry.
 
-    Returns `{name: latents [B, h, w, C]}`: `TRAIN` at the training size, then '<H>x<W>, <variant>'.
-    `names` restricts the variants (by variant name).
+    Returns `{name: latents [B, h, w, C]}`: `TRAIN` at the training size (unless not
+    `include_train`), then '<H>x<W>, <variant>'. `names` restricts the variants (by variant name).
     """
     apps.check_pipeline(pipe)
     cond, uncond = apps.caption_batches(pipe, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds)
@@ -76,9 +77,12 @@ def extrapolate(pipe, prompt=None, sizes=None, *, names=None, prompt_embeds=None
     sizes = [(side, 2 * side)] if sizes is None else [tuple(int(v) for v in hw) for hw in sizes]
     steps = apps.sampler_settings(pipe, num_inference_steps, method)
     run = dict(guidance_scale=guidance_scale, seed=seed, latents=None, output_type="latent", grid=grid,
-               cfg_channels=cfg_channels, num_inference_steps=steps["num_inference_steps"], method=steps["method"])
-    out = {TRAIN: pipe._run(cond, uncond, batch, side, side, options=pipe.inference_options(side, side),
-                            shift=steps["shift"], **run)}
+               cfg_channels=apps.guidance_channels(pipe, cfg_channels),
+               num_inference_steps=steps["num_inference_steps"], method=steps["method"])
+    out = {}
+    if include_train:
+        out[TRAIN] = pipe._run(cond, uncond, batch, side, side, options=pipe.inference_options(side, side),
+                               shift=steps["shift"], **run)
     for h, w in sizes:
         table = variants(pipe, h, w)
         unknown = sorted(set(names or ()) - set(table))
@@ -110,7 +114,7 @@ def shrink(images: np.ndarray, height: int, width: int) -> np.ndarray:
 
 def score_table(pipe, cond: dict, uncond: dict, score_fn: Callable[[np.ndarray], dict], *, sizes=None,
                 names=None, batch: int = 125, seed: int = 0, num_inference_steps: int | None = None,
-                method: str | None = None, guidance_scale: float = 4.0, cfg_channels: int | None = None,
+                method: str | None = None, guidance_scale: float = 4.0, cfg_channels: int | str | None = "official",
                 log: Callable[[str], None] | None = print) -> dict:
     """Score every extrapolation variant like `experiments/extrapolation.py`.
 
@@ -130,6 +134,9 @@ def score_table(pipe, cond: dict, uncond: dict, score_fn: Callable[[np.ndarray],
         for name, (opts, shift) in variants(pipe, h, w).items():
             if names is None or name in names:
                 jobs[f"{h}x{w}, {name}"] = (h, w, opts, shift)
+    run = dict(latents=None, output_type="latent", grid="lumina", guidance_scale=guidance_scale,
+               cfg_channels=apps.guidance_channels(pipe, cfg_channels),
+               num_inference_steps=steps["num_inference_steps"], method=steps["method"])
     results = {}
     for name, (h, w, opts, shift) in jobs.items():
         t0 = time.time()
@@ -138,15 +145,14 @@ def score_table(pipe, cond: dict, uncond: dict, score_fn: Callable[[np.ndarray],
             take = lambda d: {k: np.asarray(v)[i:i + batch] for k, v in d.items()}
             c, u = take(cond), take(uncond)
             m = len(c["cap_feats"])
-            lat = pipe._run(c, u, m, h, w, options=opts, shift=shift, seed=jax.random.fold_in(jax.random.key(seed), i),
-                            latents=None, output_type="latent", grid="lumina", cfg_channels=cfg_channels,
-                            guidance_scale=guidance_scale, num_inference_steps=steps["num_inference_steps"],
-                            method=steps["method"])
+            key = jax.random.fold_in(jax.random.key(seed), i)
+            lat = pipe._run(c, u, m, h, w, options=opts, shift=shift, seed=key, **run)
             parts.append(shrink(apps.to_images(pipe, lat), side, side))
         scores = {k: float(v) for k, v in score_fn(np.concatenate(parts)).items()}
         results[name] = dict(scores, seconds=round(time.time() - t0, 1))
         if log is not None:
-            log(f"{name:<56} " + "   ".join(f"{k} {v:.3f}" for k, v in scores.items()) + f"   ({time.time() - t0:.0f} s)")
+            shown = "   ".join(f"{k} {v:.3f}" for k, v in scores.items())
+            log(f"{name:<56} {shown}   ({time.time() - t0:.0f} s)")
     return results
 
 

@@ -18,7 +18,7 @@ def style_aligned(pipe, prompt=None, height: int | None = None, width: int | Non
                   negative_prompt=None, negative_prompt_embeds=None, num_inference_steps: int | None = None,
                   guidance_scale: float = 4.0, seed=None, latents=None, output_type: str = "latent",
                   method: str | None = None, shift: float | None = None, grid: str = "lumina",
-                  cfg_channels: int | None = 3, share: bool = True, **option_kw):
+                  cfg_channels: int | str | None = "official", share: bool = True, **option_kw):
     """Sample a batch whose images share the first image's style.
 
     Args:
@@ -40,8 +40,8 @@ def style_aligned(pipe, prompt=None, height: int | None = None, width: int | Non
     width = width or pipe.train_image_size
     options = pipe.inference_options(height, width, **option_kw).replace(style_groups=2 if share else 0)
     return pipe._run(cond, uncond, batch, height, width, guidance_scale=guidance_scale, seed=seed, latents=latents,
-                     output_type=output_type, grid=grid, cfg_channels=cfg_channels, options=options,
-                     **apps.sampler_settings(pipe, num_inference_steps, method, shift))
+                     output_type=output_type, grid=grid, cfg_channels=apps.guidance_channels(pipe, cfg_channels),
+                     options=options, **apps.sampler_settings(pipe, num_inference_steps, method, shift))
 
 
 def run_style(pipe, prompts, out, *, seed: int = 0, height: int | None = None, width: int | None = None,
