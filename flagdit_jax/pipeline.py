@@ -109,6 +109,16 @@ class _FlowPipeline:
         self._jitted = jax.jit(self._sample, static_argnames=("shape", "method", "tolerances", "options",
                                                               "cfg_channels"))
 
+    @classmethod
+    def from_pretrained(cls, directory, **kwargs):
+        """The pipeline stored in one folder (transformer/, vae/, text_encoder/ [, tokenizer/], see
+        `flagdit_jax.pretrained`; a diffusers Lumina pipeline folder also loads)."""
+        from flagdit_jax import pretrained
+
+        comp = pretrained.load_components(directory)
+        del comp["pipeline"]
+        return cls(**{**comp, **kwargs})
+
     # -- hooks -------------------------------------------------------------------------------
     def inference_options(self, height: int, width: int, **opts) -> InferenceOptions:
         """The model options for an image of `height` x `width` pixels."""
@@ -205,7 +215,8 @@ class _FlowPipeline:
             return images
         from PIL import Image
 
-        return [Image.fromarray(np.uint8(np.round(im * 255))) for im in images]
+        return [Image.fromarray(np.uint8(np.round((im[..., 0] if im.shape[-1] == 1 else im) * 255)))
+                for im in images]
 
 
 def _as_list(x, what) -> list:
