@@ -354,3 +354,21 @@ def test_run_helpers_write_grids(tmp_path, next_pipe):
                                        lambda im: {"mean": im.mean(), "n": len(im)}, names=["PI"], batch=2,
                                        num_inference_steps=2, log=None)
     assert list(scores) == [extrapolation.TRAIN, "32x64, PI"] and all(s["n"] == 3 for s in scores.values())
+
+
+@pytest.mark.slow
+def test_inference_options_under_remat(models):
+    """Rematerialised blocks (cfg.remat='full') give the plain blocks' output with proportional
+    attention, context drop, style sharing and regional captions (their static settings are
+    block fields, not traced call arguments)."""
+    cfg = registry.get_config("lumina-next-tiny")
+    model, params, _ = models["lumina-next-tiny"]
+    remat = registry.build(dataclasses.replace(cfg, remat="full"))
+    packed = tok.pack_for(cfg, jax.random.normal(jax.random.key(1), (2, 1, 8, 8, 4)))
+    feats, mask, t = jax.random.normal(jax.random.key(2), (2, 4, CAP_DIM)), jnp.ones((2, 4), bool), jnp.full((2,), 0.2)
+    region = jnp.asarray(comp.region_masks(cfg, 8, 8, [(0, 0, 8, 4)]))[None].repeat(2, 0)
+    for kw in (dict(options=InferenceOptions(base_seqlen=8, context_drop=2, context_drop_until=0.5)),
+               dict(options=InferenceOptions(style_groups=1, base_seqlen=8)),
+               dict(regions=RegionalCaptions(feats[:, None], mask[:, None], region))):
+        want = model.apply({"params": params}, packed, t, cap_feats=feats, cap_mask=mask, **kw)
+        assert_parity(remat.apply({"params": params}, packed, t, cap_feats=feats, cap_mask=mask, **kw), want)

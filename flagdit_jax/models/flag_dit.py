@@ -31,10 +31,13 @@ class FlagDiTBlock(nn.Module):
     h = x + g_msa * Attn(mod(RMSNorm(x))); out = h + g_mlp * FFN(mod(RMSNorm(h)))."""
 
     cfg: FlagDiTConfig
-    style_groups: int = 0  # InferenceOptions.style_groups (static; no parameters)
+    # Static per-call settings (no parameters), fields rather than call arguments so that they stay
+    # Python values under `nn.remat`: InferenceOptions.style_groups and the self-attention scale.
+    style_groups: int = 0
+    scale: float | None = None
 
     @nn.compact
-    def __call__(self, x, c, angles, mask, y=None, y_mask=None, *, scale=None, y_region=None):
+    def __call__(self, x, c, angles, mask, y=None, y_mask=None, *, y_region=None):
         cfg = self.cfg
         kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = L.AdaLNModulation(
@@ -44,7 +47,7 @@ class FlagDiTBlock(nn.Module):
             y = L.RMSNorm(cfg.norm_eps, name="attention_y_norm", **kw)(y)
         a = L.Attention(cfg, self.style_groups, name="attention")(
             L.modulate(L.RMSNorm(cfg.norm_eps, name="attention_norm", **kw)(x), shift_msa, scale_msa),
-            angles, mask, y, y_mask, scale=scale, y_region=y_region,
+            angles, mask, y, y_mask, scale=self.scale, y_region=y_region,
         )
         x = x + gate_msa[:, None] * a
         f = L.SwiGLU(cfg.ffn_hidden, name="feed_forward", **kw)(
@@ -98,8 +101,8 @@ class FlagDiT(nn.Module):
         block = L.remat_block(FlagDiTBlock, cfg.remat)
         x = L.constrain(x, ("activation_batch", "activation_length", "activation_embed"))
         for i in range(cfg.n_layers):
-            x = block(cfg, opts.style_groups, name=f"layers_{i}")(x, c, angles, mask, y, y_mask, scale=scale,
-                                                                 y_region=y_region)
+            x = block(cfg, opts.style_groups, scale, name=f"layers_{i}")(x, c, angles, mask, y, y_mask,
+                                                                        y_region=y_region)
             self.sow("intermediates", f"out:layers_{i}", x)
         out = L.FinalLayer(cfg.dim, cfg.patch_size**2 * cfg.out_channels, name="final_layer", dtype=dtype,
                            param_dtype=pdtype)(x, c)

@@ -66,10 +66,16 @@ class NextDiTBlock(nn.Module):
     x += tanh(g_msa) * RMSNorm2(Attn(RMSNorm1(x) * (1 + s_msa))); same for the FFN."""
 
     cfg: NextDiTConfig
-    style_groups: int = 0  # InferenceOptions.style_groups (static; no parameters)
+    # Static per-call settings (no parameters), fields rather than call arguments so that they stay
+    # Python values under `nn.remat`: InferenceOptions.style_groups, the self-attention scale and
+    # the context-drop grid (T, H/p, W/p, r) (None: no context drop).
+    style_groups: int = 0
+    scale: float | None = None
+    kv_grid: tuple[int, int, int, int] | None = None
 
     @nn.compact
-    def __call__(self, x, c, angles, mask, y=None, y_mask=None, *, scale=None, kv_pool=None, y_region=None):
+    def __call__(self, x, c, angles, mask, y=None, y_mask=None, *, kv_pred=None, y_region=None):
+        """kv_pred: with `kv_grid`, a traced bool: pool keys/values while True (None: always)."""
         cfg = self.cfg
         kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
         scale_msa, gate_msa, scale_mlp, gate_mlp = L.AdaLNModulation(cfg.dim, 4, name="adaLN_modulation", **kw)(c)
@@ -78,7 +84,7 @@ class NextDiTBlock(nn.Module):
             y = L.RMSNorm(cfg.norm_eps, name="attention_y_norm", **kw)(y)
         a = L.Attention(cfg, self.style_groups, name="attention")(
             L.modulate(L.RMSNorm(name="attention_norm1", **pre)(x), None, scale_msa), angles, mask, y, y_mask,
-            scale=scale, kv_pool=kv_pool, y_region=y_region)
+            scale=self.scale, kv_pool=None if self.kv_grid is None else (self.kv_grid, kv_pred), y_region=y_region)
         x = x + jnp.tanh(gate_msa)[:, None] * L.RMSNorm(cfg.norm_eps, name="attention_norm2", **kw)(a)
         f = L.SwiGLU(cfg.ffn_hidden, name="feed_forward", **kw)(
             L.modulate(L.RMSNorm(name="ffn_norm1", **pre)(x), None, scale_mlp))
@@ -139,7 +145,7 @@ class NextDiT(nn.Module):
         seq_len = packed.tokens.shape[1]
         scale = None if opts.base_seqlen is None else L.proportional_scale(seq_len, opts.base_seqlen, cfg.head_dim)
         mask = packed.mask if common.has_pads(packed) else None
-        kv_pool = None
+        kv_grid = kv_pred = None
         if opts.context_drop != 1:
             if mask is not None or cfg.nextline or cfg.nextframe or len(set(packed.grid_sizes)) != 1:
                 raise ValueError("context_drop needs one latent size per batch and no [PAD]/[nextline]/[nextframe] "
@@ -148,13 +154,13 @@ class NextDiT(nn.Module):
             if grid[1] % grid[3] or grid[2] % grid[3]:
                 raise ValueError(f"context_drop={opts.context_drop} must divide the token grid {grid[1]}x{grid[2]}")
             until = opts.context_drop_until
-            kv_pool = (grid, None if until is None else t[0] < until)
+            kv_grid, kv_pred = grid, None if until is None else t[0] < until
         y, y_mask, y_region = common.cross_attention_inputs(cap_feats, cap_mask, regions, dtype)
         block = L.remat_block(NextDiTBlock, cfg.remat)
         x = L.constrain(x, ("activation_batch", "activation_length", "activation_embed"))
         for i in range(cfg.n_layers):
-            x = block(cfg, opts.style_groups, name=f"layers_{i}")(x, c, angles, mask, y, y_mask, scale=scale,
-                                                                 kv_pool=kv_pool, y_region=y_region)
+            x = block(cfg, opts.style_groups, scale, kv_grid, name=f"layers_{i}")(x, c, angles, mask, y, y_mask,
+                                                                                 kv_pred=kv_pred, y_region=y_region)
             self.sow("intermediates", f"out:layers_{i}", x)
         out = L.FinalLayer(cfg.dim, cfg.patch_size**2 * cfg.out_channels, use_shift=cfg.final_shift,
                            name="final_layer", dtype=dtype, param_dtype=pdtype)(x, c)
