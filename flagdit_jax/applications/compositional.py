@@ -169,5 +169,6 @@ def run_compositional(pipe, prompts: Sequence[str], boxes, out, *, height: int |
     comp = compositional(pipe, prompts, boxes, height, width, seed=seed, num_images=num_images, **kw)
     plain_kw = {k: kw[k] for k in ("num_inference_steps", "guidance_scale", "method", "shift", "grid")
                 if k in kw}
-    plain = pipe([" ".join(prompts)] * num_images, height, width, seed=seed, output_type="latent", **plain_kw)
+    plain = pipe([" ".join(prompts)] * num_images, height, width, seed=seed, output_type="latent",
+                 cfg_channels=apps.guidance_channels(pipe, kw.get("cfg_channels", "official")), **plain_kw)
     return apps.save_grid(out, [list(apps.to_images(pipe, comp)), list(apps.to_images(pipe, plain))])
