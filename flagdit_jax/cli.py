@@ -258,6 +258,76 @@ def _run_config_command(command: str, argv: list[str]) -> int:
     return 0
 
 
+def _size(text: str) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected HxW in pixels, e.g. 32x64") from None
+    if h <= 0 or w <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: sizes must be positive")
+    return h, w
+
+
+def _load_pipe(args):
+    """--pipeline FOLDER (one folder, `flagdit export`) or --workdir RUN (a T2I training run)."""
+    from flagdit_jax import pretrained
+
+    if (args.pipeline is None) == (args.workdir is None):
+        raise SystemExit("error: give exactly one of --pipeline (a pipeline folder) and --workdir (a T2I run)")
+    if args.pipeline is not None:
+        return pretrained.load_pipeline(args.pipeline)
+    from flagdit_jax import checkpoint
+
+    return pretrained.pipeline_from_run(checkpoint.read_config(args.workdir), args.workdir)
+
+
+def _sampling_kw(args) -> dict:
+    kw = dict(height=args.size[0], width=args.size[1]) if args.size else {}
+    if args.steps is not None:
+        kw["num_inference_steps"] = args.steps
+    if args.guidance is not None:
+        kw["guidance_scale"] = args.guidance
+    return kw
+
+
+@_user_errors
+def _application(args) -> int:
+    from flagdit_jax.applications import compositional, editing, extrapolation, style
+
+    pipe = _load_pipe(args)
+    kw = _sampling_kw(args)
+    if args.command == "style":
+        path = style.run_style(pipe, args.prompt, args.output, seed=args.seed, **kw)
+    elif args.command == "compose":
+        if (args.grid is None) == (not args.box):
+            raise SystemExit("error: give --grid HxW or one --box per prompt")
+        height, width = kw.pop("height", pipe.train_image_size), kw.pop("width", pipe.train_image_size)
+        if args.grid is not None:
+            boxes = compositional.grid_boxes(*args.grid, height, width)
+        else:
+            boxes = [tuple(int(v) for v in b.split(",")) for b in args.box]
+        if len(boxes) != len(args.prompt):
+            raise SystemExit(f"error: {len(args.prompt)} prompts for {len(boxes)} regions (one prompt per region)")
+        path = compositional.run_compositional(pipe, args.prompt, boxes, args.output, height=height, width=width,
+                                               seed=args.seed, **kw)
+    elif args.command == "edit":
+        if len(args.prompt) != 1 or args.source_prompt is None:
+            raise SystemExit("error: flagdit edit takes one --prompt (the edit) and --source-prompt (the source "
+                             "image is sampled from it)")
+        src_size = args.source_size or (pipe.train_image_size, pipe.train_image_size)
+        source = pipe([args.source_prompt] * 2, src_size[0], src_size[1], seed=args.seed, output_type="latent",
+                      **{k: v for k, v in kw.items() if k not in ("height", "width")})
+        path = editing.run_edit(pipe, args.prompt[0], args.output, source=source, strengths=tuple(args.strength or (0.4, 0.6, 0.8)),
+                                seed=args.seed + 1, normalize=args.normalize, **kw)
+    else:
+        path, names = extrapolation.run_extrapolation(pipe, args.prompt, args.output, seed=args.seed,
+                                                      sizes=args.sizes or None,
+                                                      **{k: v for k, v in kw.items() if k not in ("height", "width")})
+        print("rows: " + ", ".join(names))
+    print(f"wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="flagdit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
@@ -277,6 +347,37 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--overwrite", action="store_true")
     c.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     c.set_defaults(fn=_convert)
+
+    helps = {"style": "style-consistent batch: every image shares the first one's keys/values",
+             "compose": "compositional generation: one prompt per region (--grid HxW or --box t,l,b,r each)",
+             "edit": "high-resolution editing: a source image re-solved from lambda with a new prompt",
+             "extrapolate": "resolution extrapolation: each technique (NTK, shift, proportional attention, ...) "
+                            "at larger sizes"}
+    for name, text in helps.items():
+        a = sub.add_parser(name, help=text)
+        a.add_argument("--pipeline", help="a pipeline folder (flagdit export, or a diffusers Lumina folder)")
+        a.add_argument("--workdir", help="or a text-to-image training run")
+        a.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
+        a.add_argument("--output", required=True, help="PNG to write")
+        a.add_argument("--size", type=_size, help="HxW pixels (default: the training size)")
+        a.add_argument("--steps", type=int, help="num_inference_steps (default: the pipeline's official one)")
+        a.add_argument("--guidance", type=float, help="guidance scale (default 4)")
+        a.add_argument("--seed", type=int, default=0)
+        a.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+        if name == "compose":
+            a.add_argument("--grid", type=_size, help="HxW equal regions, numbered row by row")
+            a.add_argument("--box", action="append", help="top,left,bottom,right in pixels (one per prompt)")
+        if name == "edit":
+            a.add_argument("--source-prompt", help="the source image is sampled from this prompt")
+            a.add_argument("--source-size", type=_size, help="HxW of the source (default: the training size); "
+                                                             "--size larger than it edits at high resolution")
+            a.add_argument("--strength", type=float, action="append", default=None,
+                           help="fraction of the grid re-solved (repeat; default 0.4, 0.6, 0.8)")
+            a.add_argument("--normalize", default="none", choices=("none", "source"),
+                           help="'source': match the source latent's per-channel mean/std (style edits)")
+        if name == "extrapolate":
+            a.add_argument("--sizes", type=_size, action="append", help="HxW sizes to try (repeat)")
+        a.set_defaults(fn=_application)
 
     p = sub.add_parser("presets", help="print the preset table")
     p.set_defaults(fn=_presets)

@@ -185,6 +185,8 @@ class _FlowPipeline:
         """The guided ODE from `latents` (or noise from `seed`) over `t_grid` (default: the named
         `grid` from 0 to 1; `applications.editing` starts later), decoded to `output_type`."""
         self._check(height, width, output_type)
+        if cfg_channels == "official":  # the reference guides the first 3 latent channels; a 1-channel latent: all
+            cfg_channels = 3 if self.cfg.in_channels > 3 else None
         if method not in samplers.ODE_METHODS:
             raise ValueError(f"method={method!r}; expected one of {samplers.ODE_METHODS}")
         if t_grid is None:
@@ -269,7 +271,7 @@ class LuminaNextPipeline(_FlowPipeline):
                  latents: jax.Array | None = None, output_type: str = "pil", *, prompt_embeds=None,
                  negative_prompt_embeds=None, method: str = "midpoint", shift: float = 4.0, grid: str = "lumina",
                  scaling_watershed: float = 0.3, rope_scaling_always: bool = False, proportional_attn: bool = True,
-                 cfg_channels: int | None = 3, rope_scaling: str = "watershed", context_drop: int = 1,
+                 cfg_channels: int | None | str = "official", rope_scaling: str = "watershed", context_drop: int = 1,
                  context_drop_until: float | None = None):
         """Generate images for `prompt` (or precomputed `prompt_embeds=(feats, mask)` pairs).
 
@@ -338,7 +340,7 @@ class FlagDiTPipeline(_FlowPipeline):
                  latents: jax.Array | None = None, output_type: str = "pil", *, class_labels=None,
                  method: str | None = None, shift: float | None = None, grid: str = "lumina",
                  atol: float = IMAGENET_SAMPLING["atol"], rtol: float = IMAGENET_SAMPLING["rtol"],
-                 proportional_attn: bool = True, ntk_scaling: bool = True, cfg_channels: int | None = 3):
+                 proportional_attn: bool = True, ntk_scaling: bool = True, cfg_channels: int | None | str = "official"):
         """Text (`prompt`) or class (`class_labels` [B] ints) conditional generation.
 
         None means the model's official default: method 'euler' / 'dopri5', shift 4 / 1,

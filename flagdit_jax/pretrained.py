@@ -104,6 +104,20 @@ def save_pipeline(directory: str | pathlib.Path, *, params, cfg, vae_folder, tex
     return root
 
 
+def pipeline_from_run(config, workdir):
+    """The pipeline of a text-to-image training run (EMA params, the config's VAE and text encoder)
+    without writing a folder; train_image_size as `export_run`."""
+    from flagdit_jax import encoders, pipeline, sample
+
+    if not config.get("text_encoder") or not config.get("vae"):
+        raise ValueError("a pipeline needs a text-to-image run (config.text_encoder and config.vae)")
+    params, s, _ = sample.load_params(config, workdir, use_ema=True)
+    vae = encoders.load_vae(config)
+    cls = pipeline.LuminaNextPipeline if s.model_cfg.kind == "nextdit" else pipeline.FlagDiTPipeline
+    return cls(model=s.model, params=params, vae=vae, text_encoder=encoders.load_text_encoder(config),
+               train_image_size=config.data.image_size * vae.downsample)
+
+
 def export_run(config, workdir, output, *, overwrite: bool = False) -> pathlib.Path:
     """A text-to-image training run (EMA params + its config's VAE and text encoder) -> a pipeline folder.
     train_image_size = the run's square sample size in pixels (`config.data.image_size` x VAE factor)."""

@@ -54,6 +54,19 @@ def test_pipeline_folder_round_trip(parts, tmp_path):
         pretrained.save_pipeline(ours, params=parts["params"], cfg=parts["cfg"], vae_folder=parts["vae_dir"],
                                  text_encoder_folder=parts["text_dir"], train_image_size=16)
 
+    # Every application runs from the folder through the CLI and writes its PNG.
+    from PIL import Image
+
+    from flagdit_jax import cli
+
+    for args in (["style", "--prompt", "a seven", "--prompt", "a two"],
+                 ["compose", "--grid", "1x2", "--size", "16x32", "--prompt", "a five", "--prompt", "a three"],
+                 ["edit", "--prompt", "a two", "--source-prompt", "a seven", "--size", "32x32", "--strength", "0.6"],
+                 ["extrapolate", "--prompt", "a seven", "--sizes", "32x32"]):
+        out = tmp_path / f"{args[0]}.png"
+        assert cli.main([*args, "--pipeline", str(ours), "--output", str(out), "--steps", "3"]) == 0
+        assert Image.open(out).size[0] > 16
+
     # diffusers' layout: transformer as a LuminaNextDiT2DModel folder, the tokenizer in its own folder.
     theirs = tmp_path / "theirs"
     (theirs / "transformer").mkdir(parents=True)
