@@ -48,14 +48,17 @@ def validate(config) -> None:
     """Checks the config's values before any work; raises ValueError naming the bad key."""
     cfg = model_config(config)
     t, d = config.train, config.data
-    for key in ("steps", "batch"):
+    for key in ("steps", "batch", "log_every"):
         v = t[key]
         if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
             raise ValueError(f"config.train.{key}={v!r} must be a positive int")
     if t.loss not in LOSSES:
         raise ValueError(f"config.train.loss={t.loss!r}; expected one of {LOSSES}")
-    if not (t.lr > 0 and t.kl_weight >= 0):
-        raise ValueError(f"config.train.lr={t.lr!r} must be > 0 and kl_weight={t.kl_weight!r} >= 0")
+    if not (t.lr > 0 and t.kl_weight >= 0 and t.grad_clip > 0 and t.warmup_steps >= 0):
+        raise ValueError(f"config.train: lr={t.lr!r} and grad_clip={t.grad_clip!r} must be > 0, kl_weight="
+                         f"{t.kl_weight!r} and warmup_steps={t.warmup_steps!r} >= 0")
+    if t.init_logvar is not None and not (isinstance(t.init_logvar, (int, float)) and -30 <= t.init_logvar <= 20):
+        raise ValueError(f"config.train.init_logvar={t.init_logvar!r} must be None or a number in [-30, 20]")
     lo, hi = d.digit_size
     if not (1 <= lo <= hi):
         raise ValueError(f"config.data.digit_size={tuple(d.digit_size)} must be (min, max) with 1 <= min <= max")
@@ -150,7 +153,7 @@ def train(config, *, progress: bool = True) -> tuple[dict, AutoencoderKLConfig, 
     opt_state = tx.init(params)
     digit_size = tuple(int(v) for v in config.data.digit_size)
 
-    def step(params, opt_state, key, shape):
+    def step(params, opt_state, pool, key, shape):  # pool as an argument, not a 14 MB constant in the HLO
         k_data, k_z = jax.random.split(key)
         x = make_canvases(k_data, pool, t.batch, shape, digit_size)
         (loss, (rec, kl)), grads = jax.value_and_grad(
@@ -165,7 +168,7 @@ def train(config, *, progress: bool = True) -> tuple[dict, AutoencoderKLConfig, 
     keys = jax.random.split(jax.random.key(config.seed + 1), t.steps)
     with tqdm(total=t.steps, desc="autoencoder", mininterval=5, disable=not progress) as bar:
         for i in range(t.steps):
-            params, opt_state, m = step(params, opt_state, keys[i], shape=cycle[i % len(cycle)])
+            params, opt_state, m = step(params, opt_state, pool, keys[i], shape=cycle[i % len(cycle)])
             acc.append(m)
             if (i + 1) % t.log_every == 0 or i + 1 == t.steps:
                 loss, rec, kl = np.mean(np.asarray(jnp.stack(acc)), axis=0)
