@@ -40,7 +40,8 @@ def load_vae(config):
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"config.vae.path={str(path)!r} has no config.json: train the project's "
                                 "autoencoder first (`flagdit autoencoder --config configs/autoencoder/mnist.py "
-                                f"--workdir {path}`) or point it at a diffusers AutoencoderKL folder")
+                                f"--workdir {path.parent}`, which writes {path.parent / 'vae'}) or point it at a "
+                                "diffusers AutoencoderKL folder")
     return load(path)
 
 
