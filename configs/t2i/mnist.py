@@ -3,7 +3,7 @@ in the latent space of the project's own small autoencoder (2 CPU cores).
 
 The data (`data/mnist_t2i.py`): a small (16 px) or large (28 px) digit at a named place on a square
 32x32, wide 32x64 or tall 64x32 canvas, with captions in several phrasings ("a small handwritten
-seven in the top left of a square canvas"). The autoencoder (4 latent channels, 4x down) makes
+seven in the top left of a square canvas"). The autoencoder (8 latent channels, 4x down) makes
 latents of 8x8, 8x16 and 16x8: two token-length buckets, [PAD] and (Flag-DiT) [nextline].
 
     flagdit autoencoder --config configs/autoencoder/mnist.py --workdir runs/autoencoder
@@ -31,7 +31,7 @@ def get_config(arg="next"):
         raise ValueError(f"configs/t2i/mnist.py:{arg}; expected one of {sorted(_MODELS)}")
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.total_steps = 4000
+    c.total_steps = 3600
     c.global_batch = 64
     c.grad_accum_steps = 1
     c.task = "caption"
@@ -47,13 +47,13 @@ def get_config(arg="next"):
         num_shards=4, batch_size=128, sample_posterior=False))
 
     c.model = ml_collections.ConfigDict(dict(
-        _MODELS[arg], dim=128, n_layers=6, n_heads=4, patch_size=2, in_channels=4, cap_feat_dim=384,
+        _MODELS[arg], dim=128, n_layers=6, n_heads=4, patch_size=2, in_channels=8, cap_feat_dim=384,
         multiple_of=128, dtype="float32", remat="none"))
 
     # The training data is the cache `flagdit encode` writes to data_dir ({split}-NNNNN-of-NNNNN.array_record).
     # image_size: the latent side of square sample grids (32 px / 4).
     c.data = ml_collections.ConfigDict(dict(
-        name="encoded", image_size=8, channels=4, worker_count=0, buckets=_BUCKETS[arg],
+        name="encoded", image_size=8, channels=8, worker_count=0, buckets=_BUCKETS[arg],
         options=ml_collections.ConfigDict(dict(data_dir="runs/t2i_cache"))))
 
     c.flow = ml_collections.ConfigDict(dict(path="linear", time_sampler="lognorm", prediction="velocity"))
