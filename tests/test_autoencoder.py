@@ -196,7 +196,7 @@ def _save_and_reload(params, cfg, config, workdir, history=()):
     path = ae_train.save_trained(params, cfg, config, workdir, history=history)
     report = json.loads((workdir / "autoencoder.json").read_text())
     saved = json.loads((path / "config.json").read_text())
-    assert saved["_class_name"] == "AutoencoderKL" and saved["in_channels"] == 1 and saved["latent_channels"] == 4
+    assert saved["_class_name"] == "AutoencoderKL" and saved["in_channels"] == 1 and saved["latent_channels"] == cfg.latent_channels
     assert saved["scaling_factor"] == pytest.approx(1.0 / report["latents"]["latent_std"])
     vae = load_vae(path)
     x = ae_train.canvases(jax.random.key(0), ae_train.digits("eval"), 32, (16, 16), (10, 16))
