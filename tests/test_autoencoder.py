@@ -208,6 +208,7 @@ def _save_and_reload(params, cfg, config, workdir, history=()):
     return report
 
 
+@pytest.mark.slow
 def test_saved_folder_loads_back(tmp_path):
     config = _tiny_config()
     cfg = ae_train.model_config(config)

@@ -49,7 +49,7 @@ def single_device(batches):
     return run_steps(tiny_config(**{"mesh.shape": (1, 1, 1, 1), "mesh.num_devices": 1}), batches)
 
 
-@pytest.mark.parametrize("shape", [(8, 1, 1, 1), (2, 4, 1, 1), (4, 1, 1, 2),
+@pytest.mark.parametrize("shape", [(8, 1, 1, 1), (2, 4, 1, 1), pytest.param((4, 1, 1, 2), marks=pytest.mark.slow),
                                    pytest.param((1, 2, 1, 4), marks=pytest.mark.slow)],
                          ids=["data8", "fsdp2x4", "data4-tensor2", "fsdp2-tensor4"])
 def test_sharded_train_step_matches_single_device(shape, batches, single_device):
@@ -273,7 +273,7 @@ def test_training_lowers_the_loss_and_samples_approach_the_data(tmp_path):
     assert ours < 0.7 * baseline
 
 
-@pytest.mark.parametrize("overrides", [{"model.dtype": "bfloat16"}, {"model.remat": "full"},
+@pytest.mark.parametrize("overrides", [{"model.dtype": "bfloat16"}, pytest.param({"model.remat": "full"}, marks=pytest.mark.slow),
                                        pytest.param({"model.remat": "dots"}, marks=pytest.mark.slow)],
                          ids=["bf16-compute", "remat-full", "remat-dots"])
 def test_mixed_precision_and_remat(overrides, batches, single_device):
@@ -292,6 +292,7 @@ def test_mixed_precision_and_remat(overrides, batches, single_device):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-6)
 
 
+@pytest.mark.slow
 def test_init_from_a_previous_stage(tmp_path):
     """A fresh run seeded by `config.init_from` (the T2I stages 256 -> 512 -> 1024) starts from the
     previous run's params and EMA, or from a parameter checkpoint; its own optimizer and step start fresh."""
