@@ -103,3 +103,42 @@ def test_t2i_paper_configs_are_the_reference_recipe(rel, arg, preset):
         ((512, "llama", 4096) if lumina_t2i else (256, "gemma", 2048))
     if lumina_t2i:  # stages start from the previous stage's weights
         assert c.init_from == {"256": "", "512": "runs/lumina_t2i_256", "1024": "runs/lumina_t2i_512"}[arg]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["next", "flag"])
+def test_embedded_t2i_commands_end_to_end(tmp_path, arch):
+    """The README's embedded text-to-image commands at toy length: flagdit autoencoder -> encode (real
+    MiniLM captions) -> train (two buckets) -> sample --prompt -> eval -> export -> from_pretrained."""
+    from PIL import Image
+
+    from flagdit_jax import cli
+
+    ae = ["--config.train.steps=3", "--config.train.batch=4", "--config.scaling.num_images=8",
+          "--config.eval.classifier=False"]
+    assert cli.main(["autoencoder", "--config", f"{ROOT}/configs/autoencoder/mnist.py", "--workdir",
+                     str(tmp_path / "ae"), *ae]) == 0
+    t2i = [f"--config.vae.path={tmp_path / 'ae' / 'vae'}", f"--config.data.options.data_dir={tmp_path / 'cache'}"]
+    assert cli.main(["encode", "--config", f"{ROOT}/configs/t2i/mnist.py:{arch}", *t2i,
+                     "--config.encode.options.repeats=1", "--config.encode.num_shards=2"]) == 0
+    small = ["--config.total_steps=4", "--config.global_batch=8", "--config.model.n_layers=2",
+             "--config.checkpoint.every_steps=4", "--config.log_every_steps=2", "--config.sample.num_steps=2"]
+    run = tmp_path / "run"
+    assert cli.main(["train", "--config", f"{ROOT}/configs/t2i/mnist.py:{arch}", "--workdir", str(run), *t2i,
+                     *small]) == 0
+    assert cli.main(["sample", "--workdir", str(run), "--size", "32x64", "--prompt", "a large seven on the left"]) == 0
+    assert Image.open(run / "prompts_4.png").size == (4 * 64, 32)
+    assert cli.main(["eval", "--workdir", str(run), "--config.eval.num_samples=60", "--config.eval.batch=20",
+                     "--config.eval.classifier_steps=20"]) == 0
+    import json
+
+    rep = json.loads((run / "eval_4.json").read_text())
+    assert rep["n"] == 60 and set(rep["by_canvas"]) == {"square", "wide", "tall"}
+    assert rep["real_floor"]["position"] == 1.0  # real renders are where their captions say
+    assert cli.main(["export", "--workdir", str(run), "--output", str(tmp_path / "pipe")]) == 0
+    from flagdit_jax import pretrained
+
+    pipe = pretrained.load_pipeline(tmp_path / "pipe")
+    images = pipe("a small two in the top left corner of a square canvas", 32, 32, num_inference_steps=2,
+                  output_type="np")
+    assert images.shape == (1, 32, 32, 1) and np.isfinite(images).all()
