@@ -198,6 +198,7 @@ def test_one_box_over_the_whole_image_is_the_plain_model(flag_batch, models):
                     regions=RegionalCaptions(feats[:, None], mask[:, None], region[None]))
 
 
+@pytest.mark.slow
 def test_compositional_pipeline(next_pipe):
     prompts = ["a red cat", "two dogs", "blue sky", "green tree"]
     boxes = comp.grid_boxes(2, 2, 32, 32)
@@ -229,6 +230,7 @@ def test_style_sharing_keeps_the_reference_and_changes_the_others(next_pipe):
             assert np.abs(shared[i] - solo).max() > 1e-2, i
 
 
+@pytest.mark.slow
 def test_style_sharing_in_flagdit_forward(flag_batch, models):
     """One Flag-DiT forward ([nextline], GQA) on a [cond; uncond] batch of 2+2: each reference's
     output is its solo output, the others change; style_groups=0 is the default call exactly."""
