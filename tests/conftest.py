@@ -63,3 +63,43 @@ def sigkill_after_checkpoint(cmd, workdir, step: int, total: int, *, cwd, timeou
     saved = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
     assert saved and max(saved) < total, f"killed too late: {saved}"
     return saved
+
+
+class HashEncoder:
+    """A deterministic stand-in text encoder (the `pipeline.TextEncoder` protocol): one fixed random
+    vector per word, mask = word count (up to `max_len`)."""
+
+    def __init__(self, dim=32, max_len=8):
+        self.dim, self.max_len = dim, max_len
+
+    def __call__(self, prompts):
+        import zlib
+
+        import numpy as np
+
+        feats = np.zeros((len(prompts), self.max_len, self.dim), np.float32)
+        mask = np.zeros((len(prompts), self.max_len), bool)
+        for i, p in enumerate(prompts):
+            for j, w in enumerate((p.split() or ["<empty>"])[: self.max_len]):
+                feats[i, j] = np.random.default_rng(zlib.crc32(w.encode())).standard_normal(self.dim)
+                mask[i, j] = True
+        return feats, mask
+
+
+class StubVAE:
+    """A stand-in VAE (the `pipeline.VAE` protocol, downsample 2): decode = nearest-neighbour x2 of the
+    first 3 latent channels squashed to [-1, 1]; encode = 2x2 mean pool of RGB, padded to 4 channels."""
+
+    scaling_factor, shift_factor, downsample = 0.5, 0.0, 2
+
+    def decode(self, z):
+        import jax.numpy as jnp
+
+        return jnp.tanh(jnp.repeat(jnp.repeat(z[..., :3], 2, 1), 2, 2))
+
+    def encode(self, images):
+        import jax.numpy as jnp
+
+        b, h, w, _ = images.shape
+        z = images.reshape(b, h // 2, 2, w // 2, 2, 3).mean((2, 4))
+        return jnp.concatenate([z, z[..., :1]], -1) * self.scaling_factor

@@ -2,14 +2,13 @@
 editing and resolution extrapolation, on tiny random T2I Flag-DiT / Next-DiT models."""
 
 import dataclasses
-import zlib
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import assert_parity
+from conftest import HashEncoder, StubVAE, assert_parity
 
 from flagdit_jax import pipeline as pl
 from flagdit_jax import tokens as tok
@@ -20,39 +19,6 @@ from flagdit_jax.models import registry
 from flagdit_jax.models.common import InferenceOptions, RegionalCaptions
 
 CAP_DIM = 32
-
-
-class HashEncoder:
-    """A deterministic stand-in text encoder: one fixed random vector per word, mask = word count."""
-
-    def __init__(self, dim=CAP_DIM, max_len=8):
-        self.dim, self.max_len = dim, max_len
-
-    def __call__(self, prompts):
-        feats = np.zeros((len(prompts), self.max_len, self.dim), np.float32)
-        mask = np.zeros((len(prompts), self.max_len), bool)
-        for i, p in enumerate(prompts):
-            for j, w in enumerate((p.split() or ["<empty>"])[: self.max_len]):
-                feats[i, j] = np.random.default_rng(zlib.crc32(w.encode())).standard_normal(self.dim)
-                mask[i, j] = True
-        return feats, mask
-
-
-@dataclasses.dataclass
-class StubVAE:
-    """Nearest-neighbour x2 decoder of 3 channels; encode = 2x2 mean pool, padded to 4 channels."""
-
-    scaling_factor: float = 0.5
-    shift_factor: float = 0.0
-    downsample: int = 2
-
-    def decode(self, z):
-        return jnp.tanh(jnp.repeat(jnp.repeat(z[..., :3], 2, 1), 2, 2))
-
-    def encode(self, images):
-        b, h, w, _ = images.shape
-        z = images.reshape(b, h // 2, 2, w // 2, 2, 3).mean((2, 4))
-        return jnp.concatenate([z, z[..., :1]], -1) * self.scaling_factor
 
 
 def randomize(shapes, seed=0):

@@ -2,12 +2,12 @@
 
 import dataclasses
 import math
-import zlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import HashEncoder, StubVAE
 
 from flagdit_jax import pipeline as pl
 from flagdit_jax import tokens as tok
@@ -22,36 +22,6 @@ def official_grid(num_steps, shift):
     return t / (t + shift - shift * t)
 
 
-class HashEncoder:
-    """A tiny deterministic 'text encoder': one random vector per word, mask = word count."""
-
-    def __init__(self, dim=32, max_len=6):
-        self.dim, self.max_len = dim, max_len
-
-    def __call__(self, prompts):
-        feats = np.zeros((len(prompts), self.max_len, self.dim), np.float32)
-        mask = np.zeros((len(prompts), self.max_len), bool)
-        for i, p in enumerate(prompts):
-            words = (p.split() or ["<empty>"])[: self.max_len]
-            for j, w in enumerate(words):
-                feats[i, j] = np.random.default_rng(zlib.crc32(w.encode())).standard_normal(self.dim)
-                mask[i, j] = True
-        return feats, mask
-
-
-@dataclasses.dataclass
-class StubVAE:
-    """Nearest-neighbour upsampling of the first 3 latent channels, squashed to [-1, 1]."""
-
-    scaling_factor: float = 0.5
-    shift_factor: float = 0.0
-    downsample: int = 2
-
-    def decode(self, z):
-        z = jnp.repeat(jnp.repeat(z[..., :3], self.downsample, 1), self.downsample, 2)
-        return jnp.tanh(z)
-
-
 @pytest.fixture(scope="module")
 def next_pipe():
     cfg = registry.get_config("lumina-next-tiny")
@@ -62,7 +32,7 @@ def next_pipe():
     leaves, tree = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.key(1), len(leaves))
     params = jax.tree.unflatten(tree, [0.3 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
-    return pl.LuminaNextPipeline(model, params, vae=StubVAE(), text_encoder=HashEncoder(), train_image_size=32)
+    return pl.LuminaNextPipeline(model, params, vae=StubVAE(), text_encoder=HashEncoder(max_len=6), train_image_size=32)
 
 
 def test_batched_prompts_equal_single_prompts(next_pipe):
