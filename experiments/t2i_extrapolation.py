@@ -20,7 +20,6 @@ import numpy as np
 
 from flagdit_jax import checkpoint, evaluate, pretrained, sample
 from flagdit_jax.applications import extrapolation
-from flagdit_jax.data import mnist_t2i
 from flagdit_jax.eval import classifier, layout_eval
 
 
@@ -44,11 +43,7 @@ def main(argv=None) -> dict:
     null = s.task.null_cond(len(reqs))
     uncond = {k: np.asarray(v) for k, v in null.items()}
     clf_params, _ = classifier.load_or_train(workdir)
-    real = mnist_t2i.MnistT2I("train")
-    recs = [real[i] for i in range(2000)]
-    ext = {k: layout_eval.ink_stats(np.stack([r["image"] for r in recs if r["size"] == k and r["canvas"] == 0]))
-           ["extent"] for k in (0, 1)}
-    threshold = layout_eval.calibrate(ext[0], ext[1])
+    threshold = evaluate.size_threshold(dict(config.encode.get("options", {})))
     labels, boxes, sizes = (np.array([r[k] for r in reqs]) for k in ("label", "box", "size"))
 
     def score(images):

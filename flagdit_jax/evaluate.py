@@ -72,6 +72,19 @@ def layout_prompts(n: int) -> list[dict]:
     return out
 
 
+def size_threshold(opts: dict, n: int = 2000) -> float:
+    """The small / large ink-extent threshold measured on `n` random real training renders of square
+    canvases (`MnistT2I("train", **opts)`; random, since records are ordered by digit)."""
+    from flagdit_jax.data import mnist_t2i
+    from flagdit_jax.eval import layout_eval
+
+    real = mnist_t2i.MnistT2I("train", **opts)
+    recs = [real[int(i)] for i in np.random.default_rng(0).permutation(len(real))[:n]]
+    ext = {k: layout_eval.ink_stats(np.stack([r["image"] for r in recs if r["size"] == k and r["canvas"] == 0]))
+           ["extent"] for k in (0, 1)}
+    return layout_eval.calibrate(ext[0], ext[1])
+
+
 def run_layout(config, workdir: str | pathlib.Path) -> dict:
     """Prompt following of a text-to-image run on the embedded data; writes `eval_<step>.json`."""
     from flagdit_jax.data import mnist_t2i
@@ -83,12 +96,7 @@ def run_layout(config, workdir: str | pathlib.Path) -> dict:
     vae = sample._vae_of(config)
     clf_params, info = classifier.load_or_train(workdir, steps=config.eval.get("classifier_steps") or None)
     opts = dict(config.encode.get("options", {}))
-    real_train = mnist_t2i.MnistT2I("train", **opts)
-    idx = np.random.default_rng(0).permutation(len(real_train))[:2000]
-    recs = [real_train[int(i)] for i in idx]
-    st = {k: layout_eval.ink_stats(np.stack([r["image"] for r in recs if r["size"] == k and r["canvas"] == 0]))
-          for k in (0, 1)}
-    threshold = layout_eval.calibrate(st[0]["extent"], st[1]["extent"])
+    threshold = size_threshold(opts)
 
     reqs = layout_prompts(config.eval.num_samples)
     cond = sample.encode_prompts(config, s, [r["caption"] for r in reqs])
@@ -106,7 +114,6 @@ def run_layout(config, workdir: str | pathlib.Path) -> dict:
     t_sample = time.time() - t0
     get = lambda key: np.array([r[key] for r in reqs])  # noqa: E731
     by_canvas = {}
-    scores = {"label": [], "digit": [], "position": [], "size": []}
     for canvas, name in enumerate(mnist_t2i.CANVAS_NAMES):
         rows = [i for i, r in enumerate(reqs) if r["canvas"] == canvas]
         if rows:
