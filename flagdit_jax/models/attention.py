@@ -102,7 +102,7 @@ def _splash_attention(q, k, v, *, key_mask, scale):
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
     b, hq, lq, _ = q.shape
-    hkv = k.shape[1]
+    hkv, lk = k.shape[1], k.shape[2]
     k = jnp.repeat(k, hq // hkv, axis=1)
     v = jnp.repeat(v, hq // hkv, axis=1)
     kernel = sk.make_splash_mha(sm.MultiHeadMask([sm.FullMask((lq, lk))] * hq), head_shards=1, q_seq_shards=1)
