@@ -33,6 +33,7 @@ from flagdit_jax import tokens as tok
 from flagdit_jax.models import layers as L
 
 DTYPES = ("float32", "bfloat16", "float16")
+SEQUENCE_PARALLEL = ("ulysses", "ring")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +63,12 @@ class ModelConfig:
     # Activation rematerialisation of each block: 'none', 'full' (save nothing) or 'dots'
     # (save matmul outputs without batch dims), see layers.remat_block.
     remat: str = "none"
+    # nn.scan over the blocks (one compiled block, params stacked on a leading `layers` axis);
+    # `registry.scan_params` / `unscan_params` convert between the two layouts.
+    scan_layers: bool = False
+    # Self-attention over a `sequence`-sharded mesh axis: 'ulysses' (all-to-all head exchange) or
+    # 'ring' (keys/values passed round the ring); a no-op when the mesh has no sequence axis > 1.
+    sequence_parallel: str = "ulysses"
 
     def __post_init__(self):
         for name in ("dim", "n_layers", "n_heads", "patch_size", "in_channels"):
@@ -82,6 +89,8 @@ class ModelConfig:
             object.__setattr__(self, "remat", "full" if self.remat else "none")
         if self.remat not in L.REMAT_POLICIES:
             raise ValueError(f"remat={self.remat!r}; expected one of {tuple(L.REMAT_POLICIES)}")
+        if self.sequence_parallel not in SEQUENCE_PARALLEL:
+            raise ValueError(f"sequence_parallel={self.sequence_parallel!r}; expected one of {SEQUENCE_PARALLEL}")
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ValueError(f"{name}={getattr(self, name)!r}; expected one of {DTYPES}")
