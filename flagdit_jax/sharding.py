@@ -34,6 +34,7 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("patch", None),
     ("out_patch", None),
     ("norm", None),
+    ("layers", None),  # the leading axis of scanned blocks' stacked parameters (scan_layers)
     # activations
     ("activation_batch", ("data", "fsdp")),
     ("activation_length", "sequence"),
