@@ -595,6 +595,7 @@ def _loop(s: Setup, state, data_iter, mngr, stop, workdir, stack) -> TrainState:
     if writer:
         stack.callback(_close_quietly, writer.close, "closing the metric writer")
     t_last, n_last, tokens = time.time(), start, 0
+    steps = _AotSteps(s, step_fn)
     from tqdm import tqdm
 
     bar = tqdm(total=config.total_steps, initial=start, desc="train", mininterval=10,
@@ -605,7 +606,7 @@ def _loop(s: Setup, state, data_iter, mngr, stop, workdir, stack) -> TrainState:
         for step in range(start, config.total_steps):
             local = next(data_iter)
             tokens += int((local["kind"] == tok.PATCH).sum()) * jax.process_count()  # real tokens only
-            state, metrics = step_fn(state, global_batch(s, local))
+            state, metrics = steps(state, global_batch(s, local))
             done = step + 1
             if pending is not None:  # the previous step, read while this one runs
                 _check_finite(mngr, *pending)
@@ -624,6 +625,7 @@ def _loop(s: Setup, state, data_iter, mngr, stop, workdir, stack) -> TrainState:
                 dt = time.time() - t_last
                 m["steps_per_sec"] = (done - n_last) / dt
                 m["tokens_per_sec"] = tokens / dt
+                m.update(steps.throughput(dt))
                 m["learning_rate"] = float(lr_fn(done - 1))
                 t_last, n_last, tokens = time.time(), done, 0
                 if writer:
@@ -642,6 +644,54 @@ def _loop(s: Setup, state, data_iter, mngr, stop, workdir, stack) -> TrainState:
             if stop_now:
                 break
     return state
+
+
+class _AotSteps:
+    """Runs `step_fn` ahead-of-time compiled: the first batch of each token-length bucket is
+    lowered and compiled once (`aot.compile_with_report`; the first one's compile time, per-device
+    memory and FLOPs are logged before it runs) and that executable runs every step of the bucket,
+    so no step compiles twice. Also sums the analytic model FLOPs of the steps run, for
+    `flops_per_sec` and `mfu` (`hardware.mfu`; None on kinds without a known peak, e.g. CPU)."""
+
+    def __init__(self, s: Setup, step_fn):
+        from flagdit_jax import hardware
+
+        self.s, self.step_fn, self.compiled, self.flops = s, step_fn, {}, {}
+        self.devices = s.mesh.devices.size
+        self.kind = s.mesh.devices.flat[0].device_kind
+        self.dtype = str(getattr(s.model_cfg, "dtype", "float32"))
+        self.window_flops = 0.0
+        log.info("%s", hardware.describe_peak(self.kind, self.dtype))
+
+    def __call__(self, state, batch):
+        key = tuple((tuple(a.shape), str(a.dtype)) for a in jax.tree.leaves(batch))
+        if key not in self.compiled:
+            from flagdit_jax import aot
+
+            compiled, report = aot.compile_with_report(self.step_fn, state, batch)
+            self.compiled[key] = compiled
+            tokens = batch["tokens"]
+            cap = batch["cond"].get("cap_feats") if isinstance(batch.get("cond"), dict) else None
+            self.flops[key] = aot.model_flops(self.s.model_cfg, state.params, batch=tokens.shape[0],
+                                              seq_len=tokens.shape[1], cap_len=0 if cap is None else cap.shape[1])
+            what = f"train step, batch {tokens.shape[0]} x {tokens.shape[1]} tokens"
+            for line in report.lines() + [f"model FLOPs (analytic, forward + backward): "
+                                          f"{self.flops[key] / 1e9:.2f} GFLOP per step, all devices"]:
+                log.info("%s: %s", what, line)
+        self.window_flops += self.flops[key]
+        return self.compiled[key](state, batch)
+
+    def throughput(self, seconds: float) -> dict:
+        """`flops_per_sec` (model FLOPs, all devices) and `mfu` since the last call (mfu only when
+        the device kind has a known peak), then start a new window."""
+        from flagdit_jax import hardware
+
+        out = {"flops_per_sec": self.window_flops / seconds}
+        util = hardware.mfu(self.window_flops, 1.0 / seconds, self.kind, self.devices, self.dtype)
+        if util is not None:
+            out["mfu"] = util
+        self.window_flops = 0.0
+        return out
 
 
 def maybe_initialize_distributed() -> None:
