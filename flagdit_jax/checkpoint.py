@@ -8,6 +8,7 @@ A converted or trained model is a directory: `params/` (Orbax StandardCheckpoint
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import hashlib
 import json
@@ -38,8 +39,15 @@ def save_params(directory: str | pathlib.Path, params, cfg, *, overwrite: bool =
     return directory
 
 
-def load_params(directory: str | pathlib.Path):
-    """Returns `(params, cfg)` from a directory written by `save_params`."""
+def load_params(directory: str | pathlib.Path, *, scan_layers: bool | None = None):
+    """Returns `(params, cfg)` from a directory written by `save_params`.
+
+    scan_layers: None keeps the saved block layout; True / False returns the params stacked /
+    per layer and `cfg` with that `scan_layers` (`registry.params_for`), so a folder written by a
+    per-layer run loads into a scanned model and vice versa.
+    """
+    if scan_layers is not None and not isinstance(scan_layers, bool):
+        raise ValueError(f"scan_layers={scan_layers!r}; expected None, True or False")
     directory = pathlib.Path(directory).absolute()
     meta = directory / "model.json"
     if not meta.exists():
@@ -52,6 +60,9 @@ def load_params(directory: str | pathlib.Path):
     with ocp.StandardCheckpointer() as ckptr:
         params = ckptr.restore(directory / "params", jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
                                                                    abstract))
+    if scan_layers is not None and scan_layers != cfg.scan_layers:
+        cfg = dataclasses.replace(cfg, scan_layers=scan_layers)
+        params = registry.params_for(params, cfg)
     return params, cfg
 
 

@@ -23,27 +23,32 @@ PIPELINE_JSON = "pipeline.json"
 PIPELINES = ("LuminaNextPipeline", "FlagDiTPipeline")
 
 
-def load_transformer(folder: str | pathlib.Path):
-    """`transformer/` -> (Flax module, params): ours (model.json) or diffusers' (config.json)."""
+def load_transformer(folder: str | pathlib.Path, *, scan_layers: bool | None = None):
+    """`transformer/` -> (Flax module, params): ours (model.json) or diffusers' (config.json).
+    scan_layers: None = the folder's block layout (per layer for diffusers'); True / False builds
+    the model with scanned / per-layer blocks and converts the params to match."""
     from flagdit_jax import checkpoint
     from flagdit_jax.models import registry
 
     folder = pathlib.Path(folder)
     if (folder / "model.json").is_file():
-        params, cfg = checkpoint.load_params(folder)
+        params, cfg = checkpoint.load_params(folder, scan_layers=scan_layers)
     elif (folder / "config.json").is_file():
         from flagdit_jax.convert import diffusers
 
-        params, cfg = diffusers.load_diffusers(folder)
+        if scan_layers is not None and not isinstance(scan_layers, bool):
+            raise ValueError(f"scan_layers={scan_layers!r}; expected None, True or False")
+        params, cfg = diffusers.load_diffusers(folder, **({} if scan_layers is None else dict(scan_layers=scan_layers)))
     else:
         raise FileNotFoundError(f"{folder}: no model.json (flagdit_jax params) or config.json (diffusers "
                                 "LuminaNextDiT2DModel); not a transformer folder")
     return registry.build(cfg), params
 
 
-def load_components(directory: str | pathlib.Path) -> dict:
+def load_components(directory: str | pathlib.Path, *, scan_layers: bool | None = None) -> dict:
     """Every component of a pipeline folder: {'pipeline', 'model', 'params', 'vae', 'text_encoder',
-    'train_image_size'}; vae / text_encoder are None when their folders are absent."""
+    'train_image_size'}; vae / text_encoder are None when their folders are absent. `scan_layers`:
+    the transformer's block layout (`load_transformer`)."""
     from flagdit_jax.autoencoder.convert import load_vae
     from flagdit_jax.text.encoder import load_text_encoder
 
@@ -58,7 +63,7 @@ def load_components(directory: str | pathlib.Path) -> dict:
         raise FileNotFoundError(f"{root}: neither {PIPELINE_JSON} nor model_index.json; not a pipeline folder")
     if meta.get("pipeline") not in PIPELINES:
         raise ValueError(f"{root / PIPELINE_JSON}: pipeline={meta.get('pipeline')!r}; expected one of {PIPELINES}")
-    model, params = load_transformer(root / "transformer")
+    model, params = load_transformer(root / "transformer", scan_layers=scan_layers)
     vae = load_vae(root / "vae") if (root / "vae").is_dir() else None
     text_encoder = None
     if (root / "text_encoder").is_dir():
@@ -68,12 +73,12 @@ def load_components(directory: str | pathlib.Path) -> dict:
                 train_image_size=int(meta["train_image_size"]))
 
 
-def load_pipeline(directory: str | pathlib.Path, **kwargs):
+def load_pipeline(directory: str | pathlib.Path, *, scan_layers: bool | None = None, **kwargs):
     """A ready pipeline from one folder: `load_pipeline(d)(prompt, height, width, ...)`; kwargs override
-    the pipeline's fields (e.g. train_image_size)."""
+    the pipeline's fields (e.g. train_image_size); `scan_layers` as `load_transformer`."""
     from flagdit_jax import pipeline
 
-    comp = load_components(directory)
+    comp = load_components(directory, scan_layers=scan_layers)
     cls = getattr(pipeline, comp.pop("pipeline"))
     return cls(**{**comp, **kwargs})
 

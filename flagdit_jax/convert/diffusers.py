@@ -16,6 +16,7 @@ copy the self-attention's); our model has one query, so the copies must be equal
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 import struct
@@ -157,14 +158,17 @@ def _to_theirs(kind: str, cfg: NextDiTConfig, k: np.ndarray) -> np.ndarray:
 
 
 def _expected_shapes(cfg: NextDiTConfig) -> dict[str, tuple[int, ...]]:
-    tree = flax.traverse_util.flatten_dict(nn.unbox(registry.abstract_params(cfg)))
+    """Shapes of the per-layer tree (the table's layout, whatever `cfg.scan_layers` says)."""
+    tree = flax.traverse_util.flatten_dict(nn.unbox(registry.abstract_params(dataclasses.replace(cfg,
+                                                                                                 scan_layers=False))))
     return {"/".join(k): tuple(v.shape) for k, v in tree.items()}
 
 
 def params_from_diffusers(state_dict: Mapping[str, Any], cfg: NextDiTConfig, *, dtype=np.float32) -> dict:
     """diffusers `LuminaNextDiT2DModel` state dict (numpy-convertible arrays) -> our params tree.
 
-    Shapes, with d = hidden_size: `patch_embedder.proj.weight` `[d, C*p*p]` in (C, ph, pw) order
+    The tree is in `cfg`'s block layout (stacked under `layers` when `cfg.scan_layers`). Shapes, with
+    d = hidden_size: `patch_embedder.proj.weight` `[d, C*p*p]` in (C, ph, pw) order
     becomes `x_embedder/kernel` `[p*p*C, d]` in (ph, pw, C) order; every Linear weight `[out, in]`
     becomes a kernel `[in, out]`; vectors are copied. Arrays are cast to `dtype`.
 
@@ -202,18 +206,22 @@ def params_from_diffusers(state_dict: Mapping[str, Any], cfg: NextDiTConfig, *, 
     if set(flat) != set(expected):  # the table must cover our tree exactly
         stale = sorted(set(flat) ^ set(expected))
         raise RuntimeError(f"diffusers key table out of date with the model: {_first(stale)}")
-    return flax.traverse_util.unflatten_dict({tuple(p.split("/")): v for p, v in flat.items()})
+    return registry.params_for(flax.traverse_util.unflatten_dict({tuple(p.split("/")): v for p, v in flat.items()}),
+                               cfg)
 
 
 def params_to_diffusers(params: Mapping[str, Any], cfg: NextDiTConfig) -> dict[str, np.ndarray]:
     """Our params tree -> a diffusers `LuminaNextDiT2DModel` state dict of contiguous numpy arrays
     (the inverse of `params_from_diffusers`; the query is written to both attn1 and attn2).
 
+    `params` may be in either block layout (per layer or scanned, `registry.params_for`).
+
     Raises:
       CheckpointMismatch: if the tree's paths or shapes do not match `cfg`.
     """
     _require_next_dit(cfg)
-    flat = {"/".join(k): np.asarray(v) for k, v in flax.traverse_util.flatten_dict(nn.unbox(dict(params))).items()}
+    params = registry.params_for(nn.unbox(dict(params)), dataclasses.replace(cfg, scan_layers=False))
+    flat = {"/".join(k): np.asarray(v) for k, v in flax.traverse_util.flatten_dict(params).items()}
     expected = _expected_shapes(cfg)
     extra, missing = sorted(set(flat) - set(expected)), sorted(set(expected) - set(flat))
     wrong = [f"{p}: {flat[p].shape} vs expected {s}" for p, s in expected.items() if p in flat and flat[p].shape != s]

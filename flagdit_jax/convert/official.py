@@ -10,6 +10,7 @@ and refuses a checkpoint whose keys or shapes do not match, naming the first few
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import re
 import warnings
 from typing import Any, Callable, Mapping
@@ -200,13 +201,18 @@ def raise_mismatch(header: str, problems: list[tuple[str, list]]) -> None:
 def params_from_state_dict(state_dict: Mapping[str, Any], cfg: LuminaConfig, *, dtype=np.float32) -> dict:
     """Official state dict (numpy-convertible arrays under official keys) -> our params tree.
 
+    The tree is in `cfg`'s block layout: per layer (`layers_{i}`, the official one), or stacked
+    under `layers` when `cfg.scan_layers` (`registry.params_for`).
+
     Raises:
       CheckpointMismatch: naming the first unexpected keys, missing parameters or wrong shapes.
     """
     rules = [(re.compile(pat + r"$"), tmpl, fn) for pat, tmpl, fn in _rules(cfg)]
+    # Keys map one-to-one onto the per-layer tree; a scanned config stacks it at the end.
+    per_layer = dataclasses.replace(cfg, scan_layers=False)
     expected = {
         "/".join(k): tuple(v.shape)
-        for k, v in flax.traverse_util.flatten_dict(nn.unbox(registry.abstract_params(cfg))).items()
+        for k, v in flax.traverse_util.flatten_dict(nn.unbox(registry.abstract_params(per_layer))).items()
     }
     flat, unexpected = {}, []
     for key, value in state_dict.items():
@@ -228,13 +234,14 @@ def params_from_state_dict(state_dict: Mapping[str, Any], cfg: LuminaConfig, *, 
                    f"n_heads={cfg.n_heads})", [("unexpected keys", unexpected), ("missing parameters", missing),
                                                ("shape mismatches (after conversion)", wrong)])
     tree = flax.traverse_util.unflatten_dict({tuple(p.split("/")): v for p, (_, v) in flat.items()})
-    return jax.tree.map(np.asarray, tree)
+    return registry.params_for(jax.tree.map(np.asarray, tree), cfg)
 
 
 def state_dict_from_params(params: Mapping[str, Any], cfg: LuminaConfig) -> dict[str, np.ndarray]:
     """Our params -> an official state dict (numpy, official keys and layouts); the inverse of
     `params_from_state_dict` (round trip exact, tests/test_golden.py), for handing weights back
-    to the PyTorch code."""
+    to the PyTorch code. `params` may be in either block layout (per layer or scanned)."""
+    params = registry.params_for(nn.unbox(dict(params)), dataclasses.replace(cfg, scan_layers=False))
     renames = [(r"^layers_(\d+)/", r"layers.\1/"), (r"/mlp_(\d)/", r"/mlp.\1/"),
                (r"adaLN_modulation/linear/", "adaLN_modulation/1/"), (r"^cap_embedder/norm/", "cap_embedder/0/"),
                (r"^cap_embedder/linear/", "cap_embedder/1/"), (r"/embedding_table$", "/embedding_table/weight"),

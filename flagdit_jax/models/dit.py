@@ -15,7 +15,9 @@ import jax
 import jax.numpy as jnp
 
 from flagdit_jax.models import common
+from flagdit_jax.models import layer_stack
 from flagdit_jax.models import layers as L
+from flagdit_jax.models import sequence_parallel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +74,8 @@ class DiTBlock(nn.Module):
         y = L.modulate(L.LayerNorm(1e-6, use_affine=False, name="norm1", **kw)(x), shift_msa, scale_msa)
         qkv = L.Dense(3 * d, ("embed", "qkv"), use_bias=True, name="qkv", **kw)(y)
         q, k, v = qkv.reshape(b, l, 3, h, hd).transpose(2, 0, 3, 1, 4)
-        a = L.dot_product_attention(q, k, v, key_mask=mask, implementation=cfg.attention)
+        a = sequence_parallel.attention(q, k, v, key_mask=mask, implementation=cfg.attention,
+                                        method=cfg.sequence_parallel, strict=not self.is_initializing())
         a = L.Dense(d, ("heads", "embed"), use_bias=True, name="proj", **kw)(a.transpose(0, 2, 1, 3).reshape(b, l, d))
         x = x + gate_msa[:, None] * a
         y = L.modulate(L.LayerNorm(1e-6, use_affine=False, name="norm2", **kw)(x), shift_mlp, scale_mlp)
@@ -92,6 +95,8 @@ class DiT(nn.Module):
 
     cfg: DiTConfig
 
+    BLOCKS = "blocks"  # the blocks' parameter name: blocks_{i}, or blocks when scanned (layer_stack)
+
     @nn.compact
     def __call__(self, packed, t, y=None, cap_feats=None, cap_mask=None, *, options=None, train=False,
                  force_drop=None):
@@ -106,10 +111,8 @@ class DiT(nn.Module):
         c = c + L.LabelEmbedder(cfg.num_classes, cfg.dim, cfg.class_dropout_prob, name="y_embedder",
                                 param_dtype=pdtype)(y, train=train, force_drop=force_drop).astype(c.dtype)
         mask = packed.mask if common.has_pads(packed) else None
-        block = L.remat_block(DiTBlock, cfg.remat)
-        for i in range(cfg.n_layers):
-            x = block(cfg, name=f"blocks_{i}")(x, c, mask)
-            self.sow("intermediates", f"out:blocks_{i}", x)
+        x = layer_stack.apply_blocks(DiTBlock, (cfg,), x, (c, mask), {}, n_layers=cfg.n_layers, name=self.BLOCKS,
+                                     remat=cfg.remat, scan=cfg.scan_layers, parent=self)
         out = L.FinalLayer(cfg.dim, cfg.patch_size**2 * cfg.out_channels, name="final_layer", dtype=dtype,
                            param_dtype=pdtype)(x, c).astype(jnp.float32)
         return L.drop_sigma_channels(out, cfg.patch_size, cfg.in_channels) if cfg.learn_sigma else out

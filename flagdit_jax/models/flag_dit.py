@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from flagdit_jax.models import common
+from flagdit_jax.models import layer_stack
 from flagdit_jax.models import layers as L
 
 
@@ -80,6 +81,7 @@ class FlagDiT(nn.Module):
     cfg: FlagDiTConfig
 
     OPTIONS = ("ntk_factor", "pi_factor", "base_seqlen", "style_groups")
+    BLOCKS = "layers"  # the blocks' parameter name: layers_{i}, or layers when scanned (layer_stack)
 
     @nn.compact
     def __call__(self, packed, t, y=None, cap_feats=None, cap_mask=None, *, options=None, train=False,
@@ -98,12 +100,10 @@ class FlagDiT(nn.Module):
         # Pads are masked as keys (the T2I reference's key mask); with no pads, no mask at all.
         mask = packed.mask if common.has_pads(packed) else None
         y, y_mask, y_region = common.cross_attention_inputs(cap_feats, cap_mask, regions, dtype)
-        block = L.remat_block(FlagDiTBlock, cfg.remat)
         x = L.constrain(x, ("activation_batch", "activation_length", "activation_embed"))
-        for i in range(cfg.n_layers):
-            x = block(cfg, opts.style_groups, scale, name=f"layers_{i}")(x, c, angles, mask, y, y_mask,
-                                                                        y_region=y_region)
-            self.sow("intermediates", f"out:layers_{i}", x)
+        x = layer_stack.apply_blocks(FlagDiTBlock, (cfg, opts.style_groups, scale), x, (c, angles, mask, y, y_mask),
+                                     dict(y_region=y_region), n_layers=cfg.n_layers, name=self.BLOCKS,
+                                     remat=cfg.remat, scan=cfg.scan_layers, parent=self)
         out = L.FinalLayer(cfg.dim, cfg.patch_size**2 * cfg.out_channels, name="final_layer", dtype=dtype,
                            param_dtype=pdtype)(x, c)
         self.sow("intermediates", "out:final_layer", out)

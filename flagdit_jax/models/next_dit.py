@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from flagdit_jax.models import common
+from flagdit_jax.models import layer_stack
 from flagdit_jax.models import layers as L
 
 
@@ -117,6 +118,8 @@ class NextDiT(nn.Module):
 
     cfg: NextDiTConfig
 
+    BLOCKS = "layers"  # the blocks' parameter name: layers_{i}, or layers when scanned (layer_stack)
+
     @nn.compact
     def __call__(self, packed, t, y=None, cap_feats=None, cap_mask=None, *, options=None, train=False,
                  force_drop=None, regions=None):
@@ -156,12 +159,13 @@ class NextDiT(nn.Module):
             until = opts.context_drop_until
             kv_grid, kv_pred = grid, None if until is None else t[0] < until
         y, y_mask, y_region = common.cross_attention_inputs(cap_feats, cap_mask, regions, dtype)
-        block = L.remat_block(NextDiTBlock, cfg.remat)
         x = L.constrain(x, ("activation_batch", "activation_length", "activation_embed"))
-        for i in range(cfg.n_layers):
-            x = block(cfg, opts.style_groups, scale, kv_grid, name=f"layers_{i}")(x, c, angles, mask, y, y_mask,
-                                                                                 kv_pred=kv_pred, y_region=y_region)
-            self.sow("intermediates", f"out:layers_{i}", x)
+        # Every static setting is a block field and every traced one (kv_pred, the lax.cond predicate
+        # of time-aware context drop) a per-call constant: both loop and scan forms take them all.
+        x = layer_stack.apply_blocks(NextDiTBlock, (cfg, opts.style_groups, scale, kv_grid), x,
+                                     (c, angles, mask, y, y_mask), dict(kv_pred=kv_pred, y_region=y_region),
+                                     n_layers=cfg.n_layers, name=self.BLOCKS, remat=cfg.remat, scan=cfg.scan_layers,
+                                     parent=self)
         out = L.FinalLayer(cfg.dim, cfg.patch_size**2 * cfg.out_channels, use_shift=cfg.final_shift,
                            name="final_layer", dtype=dtype, param_dtype=pdtype)(x, c)
         self.sow("intermediates", "out:final_layer", out)

@@ -18,6 +18,8 @@ from flagdit_jax import tokens as tok
 from flagdit_jax.models.common import ModelConfig
 from flagdit_jax.models.dit import DiT, DiTConfig
 from flagdit_jax.models.flag_dit import FlagDiT, FlagDiTConfig
+from flagdit_jax.models.layer_stack import scan_params, unscan_params  # noqa: F401 (re-export)
+from flagdit_jax.models import layer_stack
 from flagdit_jax.models.next_dit import NextDiT, NextDiTConfig
 
 # kind -> (config class, module class): what build, checkpoints and converters look up.
@@ -121,6 +123,19 @@ def build(name_or_config: str | ModelConfig, **overrides) -> nn.Module:
     cfg = get_config(name_or_config, **overrides) if isinstance(name_or_config, str) else (
         dataclasses.replace(name_or_config, **overrides) if overrides else name_or_config)
     return MODEL_KINDS[kind_of(cfg)][1](cfg)
+
+
+def block_name(cfg: ModelConfig) -> str:
+    """The parameter name of a config's blocks: 'layers' (Flag-DiT, Next-DiT) or 'blocks' (DiT);
+    `{name}_{i}` per layer, `{name}` stacked when `cfg.scan_layers`."""
+    return MODEL_KINDS[kind_of(cfg)][1].BLOCKS
+
+
+def params_for(params, cfg: ModelConfig) -> dict:
+    """`params` (the 'params' collection, boxed or not, either block layout) in the layout of `cfg`:
+    stacked when `cfg.scan_layers`, per layer otherwise (`layer_stack.scan_params` /
+    `unscan_params`). The one place converters and loaders normalise a tree to a config."""
+    return layer_stack.to_layout(params, scan=cfg.scan_layers, n_layers=cfg.n_layers, name=block_name(cfg))
 
 
 def example_inputs(cfg: ModelConfig, batch: int = 1, size: int = 8, cap_len: int = 4):
