@@ -78,3 +78,25 @@ def batch_sharding(mesh: Mesh, rules=DEFAULT_RULES, ndim: int = 2) -> NamedShard
     """Sharding of a batch-leading array `[B, ...]` (batch over the data-parallel axes)."""
     spec = nn.logical_to_mesh_axes(("activation_batch",) + (None,) * (ndim - 1), rules)
     return NamedSharding(mesh, spec)
+
+
+def sequence_shards(mesh_shape: Sequence[int], rules=DEFAULT_RULES, axes: Sequence[str] = MESH_AXES) -> int:
+    """How many ways a token sequence is split: the size of the mesh axes `activation_length` maps
+    to under `rules` (1 = no sequence parallelism; `models.sequence_parallel`)."""
+    spec = nn.logical_to_mesh_axes(("activation_length",), rules)[0]
+    names = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
+    sizes = dict(zip(axes, mesh_shape))
+    n = 1
+    for name in names:
+        n *= sizes[name]
+    return n
+
+
+def check_sequence_length(length: int, mesh_shape: Sequence[int], rules=DEFAULT_RULES, *, what: str = "token length"
+                          ) -> None:
+    """ValueError unless `length` (pads included) divides evenly over the sequence-parallel mesh axes."""
+    n = sequence_shards(mesh_shape, rules)
+    if length % n:
+        fit = [m for m in range(length, length + 4 * n) if m % n == 0][:2]
+        raise ValueError(f"{what} {length} must be divisible by the sequence axis size {n} of mesh shape "
+                         f"{tuple(mesh_shape)} (sequence parallelism splits the tokens evenly); e.g. pad to {fit}")

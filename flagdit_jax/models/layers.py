@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flagdit_jax.models.attention import ATTENTION_IMPLEMENTATIONS, dot_product_attention  # noqa: F401 (re-export)
+from flagdit_jax.models import sequence_parallel
 
 Dtype = Any
 Initializer = Callable[..., jax.Array]
@@ -423,7 +424,10 @@ class Attention(nn.Module):
         if self.style_groups:
             out = self._shared_self_attention(q, k, v, k_pre, angles, mask, scale)
         else:
-            full = lambda: dot_product_attention(q, k, v, key_mask=mask, scale=scale, implementation=cfg.attention)
+            # Sequence-parallel when the context mesh shards the length (else dot_product_attention).
+            full = lambda: sequence_parallel.attention(q, k, v, key_mask=mask, scale=scale,
+                                                       implementation=cfg.attention, method=cfg.sequence_parallel,
+                                                       strict=not self.is_initializing())
             if kv_pool is None:
                 out = full()
             else:

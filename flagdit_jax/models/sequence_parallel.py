@@ -1,0 +1,219 @@
+"""Sequence-parallel self-attention over the `sequence` mesh axis (issue #12, item 2).
+
+Every activation `[B, L, ...]` of the backbones is sharded on its length over the mesh axis that
+the logical name `activation_length` maps to (`sharding.DEFAULT_RULES`: `sequence`). Everything
+but self-attention is token-wise, so only attention needs communication. `attention` below runs
+it under `jax.shard_map` with one of two schemes (the model config's `sequence_parallel`):
+
+* 'ulysses' (DeepSpeed-Ulysses): an all-to-all over `sequence` turns length-sharded q/k/v into
+  head-sharded full-length ones, the normal `dot_product_attention` (the config's implementation,
+  so long sequences get its memory-linear path) runs locally, and an all-to-all turns the output
+  back. Needs the query heads per tensor shard divisible by the sequence axis size n; kv heads
+  (GQA) are repeated locally until they divide too.
+* 'ring' (Ring Attention, Liu et al. 2023): each device keeps its query chunk while the key/value
+  chunks (with their key-mask chunk) travel round the ring by `lax.ppermute` in a `lax.scan`; each
+  step's (out, logsumexp) is merged by the online-softmax rule. Any head count; n - 1 permutes of
+  k/v per layer.
+
+Batch stays sharded over `data` x `fsdp` and heads over `tensor` (the same logical rules), so
+sequence parallelism composes with FSDP and tensor parallelism by the mesh shape alone.
+
+How to enable it: give the mesh a `sequence` axis > 1 (`config.mesh.shape = (data, fsdp,
+sequence, tensor)`, e.g. `(1, 2, 2, 2)`) and pick the scheme with `config.model.sequence_parallel`
+('ulysses', the default, or 'ring'). The token length (pads included: `config.data.buckets`) must
+be divisible by the sequence axis size (`sharding.check_sequence_length`). With no mesh, or a
+sequence axis of size 1, `attention` is exactly `dot_product_attention`.
+
+Only the plain self-attention goes sequence-parallel; style sharing, context drop and the
+cross-attention to the caption (short, replicated keys) are left to XLA's partitioner.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.sharding import PartitionSpec as P
+
+from flagdit_jax.models.attention import dot_product_attention
+
+METHODS = ("ulysses", "ring")
+
+# Logical names of an attention operand `[B, heads, L, head_dim]` (as in layers.Attention).
+_QKV_AXES = ("activation_batch", "activation_heads", "activation_length", "activation_kv")
+
+
+def attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    key_mask: jax.Array | None = None,
+    scale: float | None = None,
+    implementation: str = "xla",
+    method: str = "ulysses",
+    strict: bool = True,
+) -> jax.Array:
+    """Self-attention, sequence-parallel when the context mesh shards the length; else exactly
+    `attention.dot_product_attention`.
+
+    Args:
+      q: `[B, Hq, L, D]`; k, v: `[B, Hkv, L, D]` (Hq a multiple of Hkv, GQA).
+      key_mask: `[B, L]` bool, False = masked key (pads); each chunk travels with its k/v.
+      scale: softmax scale (default 1/sqrt(D)).
+      implementation: `dot_product_attention`'s implementation (the local kernel of 'ulysses').
+      method: 'ulysses' or 'ring'.
+      strict: raise when the length does not divide over the sequence axis; False runs the plain
+        path instead (what `init` uses: parameters do not depend on the length, and init traces a
+        few example tokens).
+
+    Returns:
+      `[B, Hq, L, D]`.
+    """
+    if method not in METHODS:
+        raise ValueError(f"sequence_parallel={method!r}; expected one of {METHODS}")
+    plan = _plan(q, k)
+    if plan is None:
+        return dot_product_attention(q, k, v, key_mask=key_mask, scale=scale, implementation=implementation)
+    mesh, axis, n, qspec, kvspec, mspec = plan
+    b, hq, length, d = q.shape
+    if length % n and not strict:  # init: any example length
+        return dot_product_attention(q, k, v, key_mask=key_mask, scale=scale, implementation=implementation)
+    if length % n:
+        raise ValueError(f"sequence parallelism: token length {length} must be divisible by the '{axis}' mesh axis "
+                         f"size {n} (pad the sequence, e.g. config.data.buckets, or change config.mesh.shape)")
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    if k.shape[1] != hq and kvspec[1] != qspec[1]:
+        # kv heads do not split over the tensor axis the query heads use: give every query head its
+        # own kv head (repeat = the reference's GQA mapping, query head h -> kv head h // (Hq/Hkv)).
+        k, v = (jnp.repeat(z, hq // k.shape[1], axis=1) for z in (k, v))
+        kvspec = qspec
+    hq_local = hq // _size(mesh, qspec[1])
+    if method == "ulysses" and hq_local % n:
+        raise ValueError(
+            f"sequence_parallel='ulysses' needs the query heads per tensor shard (n_heads={hq} / "
+            f"{_size(mesh, qspec[1])} = {hq_local}) divisible by the '{axis}' mesh axis size {n}; use "
+            f"model.sequence_parallel='ring' or a mesh whose sequence axis divides {hq_local}")
+    local = _ulysses_local if method == "ulysses" else _ring_local
+    has_mask = key_mask is not None
+
+    def body(q, k, v, *mask):
+        return local(q, k, v, mask[0] if has_mask else None, axis=axis, n=n, scale=scale,
+                     implementation=implementation)
+
+    in_specs = (qspec, kvspec, kvspec) + ((mspec,) if has_mask else ())
+    args = (q, k, v) + ((key_mask,) if has_mask else ())
+    return jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=qspec)(*args)
+
+
+def _size(mesh, axes) -> int:
+    if axes is None:
+        return 1
+    axes = (axes,) if isinstance(axes, str) else axes
+    return math.prod(mesh.shape[a] for a in axes)
+
+
+def _plan(q, k):
+    """(mesh, axis, n, q spec, kv spec, mask spec) when the context mesh shards the length over an
+    axis of size n > 1, else None. Batch / head axes that do not divide the array are replicated."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return None
+    from flagdit_jax import sharding  # the default rules table (outside a rules context)
+
+    rules = nn.get_logical_axis_rules() or sharding.DEFAULT_RULES
+    batch, heads, length, _ = nn.logical_to_mesh_axes(_QKV_AXES, rules)
+    if length is None or _size(mesh, length) == 1:
+        return None
+    if not isinstance(length, str):
+        named = tuple(a for a in length if mesh.shape[a] > 1)
+        if len(named) != 1:
+            raise ValueError(f"sequence parallelism shards the length over one mesh axis; the rules map "
+                             f"activation_length to {length} (sizes {[mesh.shape[a] for a in length]})")
+        length = named[0]
+    if length in (heads if isinstance(heads, tuple) else (heads,)):
+        raise ValueError(f"the rules map both activation_length and activation_heads to '{length}'")
+    b, hq = q.shape[:2]
+    batch = batch if b % _size(mesh, batch) == 0 else None
+    heads = heads if hq % _size(mesh, heads) == 0 else None
+    kv_heads = heads if k.shape[1] % _size(mesh, heads) == 0 else None
+    return (mesh, length, mesh.shape[length], P(batch, heads, length, None), P(batch, kv_heads, length, None),
+            P(batch, length))
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-device bodies (inside shard_map): q `[b, hq, L/n, D]`, k/v `[b, hkv, L/n, D]`, mask `[b, L/n]`
+# ----------------------------------------------------------------------------------------------
+
+
+def _ulysses_local(q, k, v, mask, *, axis, n, scale, implementation):
+    """All-to-all: heads split n ways, length gathered; attention; and back."""
+    hq, hkv = q.shape[1], k.shape[1]
+    # GQA with fewer local kv heads than n (or not dividing it): repeat kv heads by the smallest
+    # factor r that makes them divide n and still divide the query heads (r = hq / hkv always does).
+    r = next(r for r in range(1, hq // hkv + 1) if (hq // hkv) % r == 0 and (hkv * r) % n == 0)
+    if r > 1:
+        k, v = jnp.repeat(k, r, axis=1), jnp.repeat(v, r, axis=1)
+    to_heads = lambda z: lax.all_to_all(z, axis, split_axis=1, concat_axis=2, tiled=True)
+    mask = None if mask is None else lax.all_gather(mask, axis, axis=1, tiled=True)
+    out = dot_product_attention(to_heads(q), to_heads(k), to_heads(v), key_mask=mask, scale=scale,
+                                implementation=implementation)
+    return lax.all_to_all(out, axis, split_axis=2, concat_axis=1, tiled=True)
+
+
+def _ring_local(q, k, v, mask, *, axis, n, scale, implementation):
+    """Local queries against the k/v chunk of every device, the chunks passed round the ring.
+
+    The first step uses the device's own chunk; each of the n - 1 scan steps receives the previous
+    device's chunk (`ppermute` i -> i+1) and merges its (out, logsumexp). No causal mask, so the
+    order of the chunks does not matter. `implementation` is unused: the per-chunk kernel is
+    `chunk_attention` (one place, to be swapped for a memory-linear one returning lse).
+    """
+    del implementation
+    kv = (k, v) if mask is None else (k, v, mask)
+    out, lse = chunk_attention(q, *kv, scale=scale)
+    perm = [(i, (i + 1) % n) for i in range(n)]
+
+    def step(carry, _):
+        out, lse, kv = carry
+        kv = tuple(lax.ppermute(z, axis, perm) for z in kv)
+        out_i, lse_i = chunk_attention(q, *kv, scale=scale)
+        out, lse = merge(out, lse, out_i, lse_i)
+        return (out, lse, kv), None
+
+    (out, lse, _), _ = lax.scan(step, (out, lse, kv), None, length=n - 1)
+    return out.astype(q.dtype)
+
+
+def chunk_attention(q, k, v, key_mask=None, *, scale):
+    """Attention of q against one key chunk with its logsumexp: the ring's per-chunk kernel.
+
+    q `[b, Hq, Lq, D]`, k/v `[b, Hkv, Lk, D]`, key_mask `[b, Lk]` -> (out `[b, Hq, Lq, D]` float32,
+    lse `[b, Hq, Lq]` float32). Plain jnp, differentiated by autodiff (written here: attention.py
+    has no lse-returning kernel yet). Masked logits are float32 min (as `dot_product_attention`),
+    not -inf, so a chunk with no valid key yields weight ~0 in `merge` instead of NaN.
+    """
+    b, hq, lq, d = q.shape
+    hkv = k.shape[1]
+    qg = q.reshape(b, hkv, (hq // hkv) * lq, d)  # the g query heads of a kv head stacked on length
+    logits = jnp.einsum("bkqd,bksd->bkqs", qg, k, preferred_element_type=jnp.float32) * scale
+    if key_mask is not None:
+        logits = jnp.where(key_mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
+    m = lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+    p = jnp.exp(logits - m)
+    denom = jnp.sum(p, axis=-1, keepdims=True)
+    out = jnp.einsum("bkqs,bksd->bkqd", p.astype(v.dtype), v, preferred_element_type=jnp.float32) / denom
+    lse = (m + jnp.log(denom))[..., 0]
+    return out.reshape(b, hq, lq, d), lse.reshape(b, hq, lq)
+
+
+def merge(out_a, lse_a, out_b, lse_b):
+    """Online-softmax merge of two partial attentions over disjoint key sets: weights
+    exp(lse_x - lse), renormalised by their sum (= 1 exactly in real arithmetic) so that rows whose
+    keys are all masked still average like `dot_product_attention` does."""
+    lse = jnp.logaddexp(lse_a, lse_b)
+    wa, wb = jnp.exp(lse_a - lse)[..., None], jnp.exp(lse_b - lse)[..., None]
+    return (wa * out_a + wb * out_b) / (wa + wb), lse
