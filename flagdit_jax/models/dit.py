@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from flagdit_jax.models import common
+from flagdit_jax.models import layer_stack
 from flagdit_jax.models import layers as L
 from flagdit_jax.models import sequence_parallel
 
@@ -94,6 +95,8 @@ class DiT(nn.Module):
 
     cfg: DiTConfig
 
+    BLOCKS = "blocks"  # the blocks' parameter name: blocks_{i}, or blocks when scanned (layer_stack)
+
     @nn.compact
     def __call__(self, packed, t, y=None, cap_feats=None, cap_mask=None, *, options=None, train=False,
                  force_drop=None):
@@ -108,10 +111,8 @@ class DiT(nn.Module):
         c = c + L.LabelEmbedder(cfg.num_classes, cfg.dim, cfg.class_dropout_prob, name="y_embedder",
                                 param_dtype=pdtype)(y, train=train, force_drop=force_drop).astype(c.dtype)
         mask = packed.mask if common.has_pads(packed) else None
-        block = L.remat_block(DiTBlock, cfg.remat)
-        for i in range(cfg.n_layers):
-            x = block(cfg, name=f"blocks_{i}")(x, c, mask)
-            self.sow("intermediates", f"out:blocks_{i}", x)
+        x = layer_stack.apply_blocks(DiTBlock, (cfg,), x, (c, mask), {}, n_layers=cfg.n_layers, name=self.BLOCKS,
+                                     remat=cfg.remat, scan=cfg.scan_layers, parent=self)
         out = L.FinalLayer(cfg.dim, cfg.patch_size**2 * cfg.out_channels, name="final_layer", dtype=dtype,
                            param_dtype=pdtype)(x, c).astype(jnp.float32)
         return L.drop_sigma_channels(out, cfg.patch_size, cfg.in_channels) if cfg.learn_sigma else out
