@@ -22,8 +22,8 @@ COLLECTIVE = {"ulysses": "all-to-all", "ring": "collective-permute"}
 def qkv_mask(b=2, hq=8, hkv=2, length=32, d=8):
     rng = np.random.default_rng(0)  # numpy: eager jax.random costs seconds of compiles here
     q, k, v = (rng.standard_normal((b, h, length, d)).astype(np.float32) for h in (hq, hkv, hkv))
-    # padded tails: sample 1 has its last 11 keys masked (more than one ring chunk of 4)
-    mask = np.arange(length)[None] < np.array([[length], [length - 11]])
+    # padded tails: samples after the first have their last 11 keys masked (> one ring chunk of 4)
+    mask = np.arange(length)[None] < np.array([[length]] + [[length - 11]] * (b - 1))
     return q, k, v, mask
 
 
@@ -63,6 +63,23 @@ def test_attention_equals_unsharded_forward_and_gradients(method, shape, referen
     # the scheme's collective is in the program: XLA did not just gather the sequence
     assert COLLECTIVE[method] in hlo
     assert COLLECTIVE["ring" if method == "ulysses" else "ulysses"] not in hlo
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", METHODS)
+def test_attention_replicates_batch_and_kv_heads_that_do_not_divide(method):
+    """Batch 1 over data=2 and 3 kv heads (GQA 2) over tensor=2 / sequence=2: replicated or repeated,
+    still equal; 'ulysses' with 3 query heads per tensor shard on a sequence axis of 2 is refused."""
+    q, k, v, mask = qkv_mask(b=1, hq=6, hkv=3, length=16)
+    ref = jax.jit(lambda q, k, v: dot_product_attention(q, k, v, key_mask=mask))(q, k, v)
+    for shape in ((2, 2, 2, 1), (1, 2, 2, 2)):
+        with jax.set_mesh(sharding.make_mesh(shape)):
+            fn = jax.jit(lambda q, k, v: sp.attention(q, k, v, key_mask=mask, method=method))
+            if method == "ulysses" and shape[3] == 2:
+                with pytest.raises(ValueError, match=r"n_heads=6 / 2 = 3\) divisible by the 'sequence' mesh axis"):
+                    fn(q, k, v)
+                continue
+            assert_parity(fn(q, k, v), ref)
 
 
 def test_no_mesh_or_unsharded_length_is_the_plain_path():
@@ -135,7 +152,13 @@ def tiny_model(name):
     """(config, params, inputs, single-device output) of an 8-head tiny model (8 heads so that
     'ulysses' fits a sequence axis of 8), built once per session."""
     if name not in _MODELS:
-        cfg = dataclasses.replace(registry.get_config(name), n_heads=8, n_kv_heads=2)
+        if name == "dit-tiny":  # MHA, 4 heads: 'ulysses' fits (1, 2, 2, 2) only
+            cfg = registry.get_config(name)
+        elif name == "scanned-remat":  # nn.scan over the blocks, each rematerialised
+            cfg = dataclasses.replace(registry.get_config("flagdit-tiny"), n_heads=8, n_kv_heads=2, scan_layers=True,
+                                      remat="full")
+        else:
+            cfg = dataclasses.replace(registry.get_config(name), n_heads=8, n_kv_heads=2)
         model = registry.build(cfg)
         packed, t, kw = model_inputs(cfg)
         params = nn.unbox(jax.jit(model.init)(jax.random.key(0), packed, t, **kw)["params"])
@@ -148,7 +171,9 @@ def tiny_model(name):
 @pytest.mark.parametrize("shape", [(1, 2, 2, 2), pytest.param((1, 1, 8, 1), marks=pytest.mark.slow)],
                          ids=["fsdp2-seq2-tensor2", "seq8"])
 @pytest.mark.parametrize("method", [pytest.param("ulysses", marks=pytest.mark.slow), "ring"])
-@pytest.mark.parametrize("name", [pytest.param("flagdit-tiny", marks=pytest.mark.slow), "lumina-next-tiny"])
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) for n in ("flagdit-tiny", "dit-tiny",
+                                                                                      "scanned-remat")]
+                         + ["lumina-next-tiny"])
 def test_model_forward_equals_single_device(name, method, shape):
     cfg, params, (packed, t, kw), ref = tiny_model(name)
     assert packed.has_pads
@@ -158,10 +183,40 @@ def test_model_forward_equals_single_device(name, method, shape):
     params = jax.device_put(params, sharding.param_shardings(registry.abstract_params(cfg), mesh))
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
         fn = jax.jit(lambda p, tokens: model.apply({"params": p}, packed.replace(tokens=tokens), t, **kw))
+        if method == "ulysses" and cfg.n_heads // shape[3] % shape[2]:
+            with pytest.raises(ValueError, match=r"sequence_parallel='ulysses' needs the query heads"):
+                fn(params, packed.tokens)
+            return
         out = fn(params, packed.tokens)
         hlo = fn.lower(params, packed.tokens).compile().as_text()
     assert_parity(out, ref)
     assert COLLECTIVE[method] in hlo
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", METHODS)
+def test_inference_options_under_a_sequence_mesh(method):
+    """Context drop (time-aware), style sharing and proportional attention + NTK scaling: the
+    self-attention paths left to XLA (pooled keys, shared styles) and the sequence-parallel one give
+    the single-device output."""
+    from flagdit_jax.models import common
+
+    cfg = dataclasses.replace(registry.get_config("lumina-next-tiny"), n_heads=8, n_kv_heads=2)
+    rng = np.random.default_rng(0)
+    packed = tok.pack_for(cfg, jnp.asarray(rng.standard_normal((2, 1, 16, 16, cfg.in_channels)), jnp.float32))
+    t = jnp.array([0.3, 0.8])
+    kw = dict(cap_feats=jnp.asarray(rng.standard_normal((2, 4, cfg.cap_feat_dim)), jnp.float32),
+              cap_mask=np.ones((2, 4), bool))
+    model = registry.build(cfg)
+    params = nn.unbox(jax.jit(model.init)(jax.random.key(0), packed, t, **kw)["params"])
+    params = jax.tree.map(lambda x: np.asarray(x) + 0.1 * rng.standard_normal(x.shape).astype(np.float32), params)
+    sp_model = registry.build(dataclasses.replace(cfg, sequence_parallel=method))
+    for opts in (common.InferenceOptions(context_drop=2, context_drop_until=0.5),
+                 common.InferenceOptions(style_groups=1), common.InferenceOptions(base_seqlen=16, scale_factor=1.5)):
+        ref = jax.jit(lambda p: model.apply({"params": p}, packed, t, options=opts, **kw))(params)
+        with jax.set_mesh(sharding.make_mesh((2, 1, 4, 1))), nn.logical_axis_rules(sharding.DEFAULT_RULES):
+            out = jax.jit(lambda p: sp_model.apply({"params": p}, packed, t, options=opts, **kw))(params)
+        assert_parity(out, ref, err_msg=str(opts))
 
 
 # ----------------------------------------------------------------------------------------------
