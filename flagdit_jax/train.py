@@ -359,9 +359,12 @@ def make_train_step(s: Setup):
             loss, grads = grad_fn(state.params, *xs)
             return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
 
-        zeros = jax.tree.map(jnp.zeros_like, state.params)
-        (loss, grads), _ = jax.lax.scan(body, (jnp.zeros(()), zeros), micro)
-        loss, grads = loss / accum, jax.tree.map(lambda g: g / accum, grads)
+        if accum == 1:  # no loop: XLA keeps a length-1 scan as a while loop that fences fusion
+            loss, grads = grad_fn(state.params, *jax.tree.map(lambda a: a[0], micro))
+        else:
+            zeros = jax.tree.map(jnp.zeros_like, state.params)
+            (loss, grads), _ = jax.lax.scan(body, (jnp.zeros(()), zeros), micro)
+            loss, grads = loss / accum, jax.tree.map(lambda g: g / accum, grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         d = config.ema_decay
