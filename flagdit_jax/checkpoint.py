@@ -240,6 +240,37 @@ def check_fits(step_dir: pathlib.Path, abstract, keys=("params", "ema_params")) 
                                           "another --workdir")
 
 
+def restore_params(mngr, step: int, key: str, abstract, cfg):
+    """`state[key]` ('params' or 'ema_params') of checkpoint `step`, restored onto `abstract` (the
+    tree of ShapeDtypeStructs with shardings of `cfg`'s model, e.g. `Setup.abstract_state.params`)
+    whichever block layout the run that wrote it used: a per-layer run's checkpoint loads into a
+    scanned model (`cfg.scan_layers`) and vice versa (`registry.params_for`). Only that tree is
+    read (partial restore); `check_fits` and `verify` (checksums, in the saved layout) run first.
+
+    Raises:
+      CheckpointMismatch: the saved tree does not fit the config's model in either layout.
+      ValueError: the arrays do not match the checksum saved with them.
+    """
+    from flagdit_jax.models import layer_stack
+
+    step_dir = pathlib.Path(mngr.directory) / str(step)
+    with ocp.StandardCheckpointer() as ckptr:
+        saved = ckptr.metadata(step_dir / "state").item_metadata.tree
+    name = registry.block_name(cfg)
+    layout = layer_stack.block_layout(saved[key], name) if isinstance(saved.get(key), dict) else None
+    other = layout is not None and (layout == "scanned") != cfg.scan_layers
+    target = layer_stack.to_layout(abstract, scan=not cfg.scan_layers, n_layers=cfg.n_layers, name=name) \
+        if other else abstract
+    check_fits(step_dir, {key: target}, keys=(key,))
+    restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), {key: target})
+    args = ocp.args.PyTreeRestore(item={key: target}, restore_args=restore_args, partial_restore=True)
+    params = mngr.restore(step, args=ocp.args.Composite(state=args)).state[key]
+    verify(mngr, step, {key: params})
+    if other:
+        params = jax.device_put(registry.params_for(params, cfg), jax.tree.map(lambda a: a.sharding, abstract))
+    return params
+
+
 def verify(mngr, step: int, tree, *, data_iter=None) -> None:
     """Compare `tree` (restored from `step`; a TrainState or a dict of some of its fields) with the
     fingerprint saved with it; raises ValueError naming the first differing arrays. Checkpoints

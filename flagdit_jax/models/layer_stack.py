@@ -71,9 +71,16 @@ def _is_box(x) -> bool:
     return isinstance(x, nn.meta.AxisMetadata)
 
 
+def _named(sharding, spec):
+    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec))
+
+
 def _stack(xs):
     if all(isinstance(x, jax.ShapeDtypeStruct) for x in xs):
-        return jax.ShapeDtypeStruct((len(xs), *xs[0].shape), xs[0].dtype)
+        # A NamedSharding gains a replicated leading axis (the 'layers' rule, sharding.DEFAULT_RULES).
+        sh = xs[0].sharding
+        sh = _named(sh, (None, *sh.spec)) if isinstance(sh, jax.sharding.NamedSharding) else None
+        return jax.ShapeDtypeStruct((len(xs), *xs[0].shape), xs[0].dtype, sharding=sh)
     if all(isinstance(x, np.ndarray) for x in xs):
         return np.stack(xs)
     return jnp.stack(xs)
@@ -81,7 +88,9 @@ def _stack(xs):
 
 def _unstack(x, n: int) -> list:
     if isinstance(x, jax.ShapeDtypeStruct):
-        return [jax.ShapeDtypeStruct(x.shape[1:], x.dtype)] * n
+        sh = x.sharding
+        sh = _named(sh, tuple(sh.spec)[1:]) if isinstance(sh, jax.sharding.NamedSharding) else None
+        return [jax.ShapeDtypeStruct(x.shape[1:], x.dtype, sharding=sh)] * n
     return [x[i] for i in range(n)]
 
 
@@ -103,7 +112,8 @@ def scan_params(params: Mapping, n_layers: int, name: str = "layers") -> dict:
     """Per-layer params `{name}_0 .. {name}_{n-1}` -> one stacked subtree `name` (leading axis n).
 
     Pure over the pytree: numpy leaves stay numpy, jax arrays are stacked with jnp,
-    `ShapeDtypeStruct`s get the leading dimension, and boxed leaves (`nn.Partitioned`) gain the
+    `ShapeDtypeStruct`s get the leading dimension (and a NamedSharding a replicated leading axis;
+    `unscan_params` drops it), and boxed leaves (`nn.Partitioned`) gain the
     logical axis 'layers' in front, as `nn.scan(metadata_params=...)` writes them. Other entries are
     kept as they are.
 
