@@ -105,6 +105,11 @@ def test_bad_input_errors():
     with pytest.raises(ValueError, match=r"token length 72 must be divisible by the sequence axis size 5"):
         sharding.check_sequence_length(72, (1, 1, 5, 1))
     sharding.check_sequence_length(72, (1, 1, 8, 1))
+    cfg = registry.get_config("flagdit-tiny")  # 4 heads
+    with pytest.raises(ValueError, match=r"n_heads=4 / 2 = 2\) divisible by the 'sequence' mesh axis size 4"):
+        sp.check_mesh(cfg, (1, 1, 4, 2))
+    sp.check_mesh(cfg, (2, 1, 2, 2))
+    sp.check_mesh(dataclasses.replace(cfg, sequence_parallel="ring"), (1, 1, 4, 2))
     assert sharding.sequence_shards((2, 2, 2, 1)) == 2
 
 
@@ -157,8 +162,8 @@ def tiny_model(name):
         elif name == "scanned-remat":  # nn.scan over the blocks, each rematerialised
             cfg = dataclasses.replace(registry.get_config("flagdit-tiny"), n_heads=8, n_kv_heads=2, scan_layers=True,
                                       remat="full")
-        else:
-            cfg = dataclasses.replace(registry.get_config(name), n_heads=8, n_kv_heads=2)
+        else:  # one block: every block runs the same attention
+            cfg = dataclasses.replace(registry.get_config(name), n_heads=8, n_kv_heads=2, n_layers=1)
         model = registry.build(cfg)
         packed, t, kw = model_inputs(cfg)
         params = nn.unbox(jax.jit(model.init)(jax.random.key(0), packed, t, **kw)["params"])
@@ -187,8 +192,8 @@ def test_model_forward_equals_single_device(name, method, shape):
             with pytest.raises(ValueError, match=r"sequence_parallel='ulysses' needs the query heads"):
                 fn(params, packed.tokens)
             return
-        out = fn(params, packed.tokens)
-        hlo = fn.lower(params, packed.tokens).compile().as_text()
+        compiled = fn.lower(params, packed.tokens).compile()  # one compile: run it and read its HLO
+        out, hlo = compiled(params, packed.tokens), compiled.as_text()
     assert_parity(out, ref)
     assert COLLECTIVE[method] in hlo
 
@@ -241,8 +246,9 @@ def one_step(config):
     step = train.make_train_step(s)
     with jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules):
         batch = train.global_batch(s, batch)
-        hlo = step.lower(state, batch).compile().as_text()
-        state, metrics = step(state, batch)
+        compiled = step.lower(state, batch).compile()
+        hlo = compiled.as_text()
+        state, metrics = compiled(state, batch)
     return state, metrics, hlo
 
 

@@ -75,28 +75,22 @@ def attention(
     """
     if method not in METHODS:
         raise ValueError(f"sequence_parallel={method!r}; expected one of {METHODS}")
-    plan = _plan(q, k)
-    if plan is None:
-        return dot_product_attention(q, k, v, key_mask=key_mask, scale=scale, implementation=implementation)
-    mesh, axis, n, qspec, kvspec, mspec = plan
+    mesh = jax.sharding.get_abstract_mesh()
+    plan = None if mesh.empty else _plan(dict(mesh.shape), _rules(), q.shape[0], q.shape[1], k.shape[1])
     b, hq, length, d = q.shape
-    if length % n and not strict:  # init: any example length
+    if plan is None or (length % plan[1] and not strict):  # not sharded; or init: any example length
         return dot_product_attention(q, k, v, key_mask=key_mask, scale=scale, implementation=implementation)
+    axis, n, qspec, kvspec, mspec = plan
     if length % n:
         raise ValueError(f"sequence parallelism: token length {length} must be divisible by the '{axis}' mesh axis "
                          f"size {n} (pad the sequence, e.g. config.data.buckets, or change config.mesh.shape)")
+    _check_heads(method, hq, dict(mesh.shape), plan)
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     if k.shape[1] != hq and kvspec[1] != qspec[1]:
         # kv heads do not split over the tensor axis the query heads use: give every query head its
         # own kv head (repeat = the reference's GQA mapping, query head h -> kv head h // (Hq/Hkv)).
         k, v = (jnp.repeat(z, hq // k.shape[1], axis=1) for z in (k, v))
         kvspec = qspec
-    hq_local = hq // _size(mesh, qspec[1])
-    if method == "ulysses" and hq_local % n:
-        raise ValueError(
-            f"sequence_parallel='ulysses' needs the query heads per tensor shard (n_heads={hq} / "
-            f"{_size(mesh, qspec[1])} = {hq_local}) divisible by the '{axis}' mesh axis size {n}; use "
-            f"model.sequence_parallel='ring' or a mesh whose sequence axis divides {hq_local}")
     local = _ulysses_local if method == "ulysses" else _ring_local
     has_mask = key_mask is not None
 
@@ -109,39 +103,62 @@ def attention(
     return jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=qspec)(*args)
 
 
-def _size(mesh, axes) -> int:
+def check_mesh(cfg, mesh_shape, rules=None) -> None:
+    """ValueError before any compile when `cfg` (a model config: n_heads, kv_heads,
+    sequence_parallel) cannot run sequence-parallel on a mesh of `mesh_shape` (`sharding.MESH_AXES`
+    order): 'ulysses' needs the query heads per tensor shard divisible by the sequence axis size."""
+    from flagdit_jax import sharding
+
+    sizes = dict(zip(sharding.MESH_AXES, mesh_shape))
+    rules = sharding.DEFAULT_RULES if rules is None else rules
+    kv_heads = getattr(cfg, "kv_heads", cfg.n_heads)
+    plan = _plan(sizes, rules, 0, cfg.n_heads, kv_heads)
+    if plan is not None:
+        _check_heads(cfg.sequence_parallel, cfg.n_heads, sizes, plan)
+
+
+def _rules():
+    from flagdit_jax import sharding  # the default table outside a rules context
+
+    return nn.get_logical_axis_rules() or sharding.DEFAULT_RULES
+
+
+def _size(sizes, axes) -> int:
     if axes is None:
         return 1
     axes = (axes,) if isinstance(axes, str) else axes
-    return math.prod(mesh.shape[a] for a in axes)
+    return math.prod(sizes[a] for a in axes)
 
 
-def _plan(q, k):
-    """(mesh, axis, n, q spec, kv spec, mask spec) when the context mesh shards the length over an
-    axis of size n > 1, else None. Batch / head axes that do not divide the array are replicated."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
-        return None
-    from flagdit_jax import sharding  # the default rules table (outside a rules context)
-
-    rules = nn.get_logical_axis_rules() or sharding.DEFAULT_RULES
+def _plan(sizes: dict, rules, b: int, hq: int, hkv: int):
+    """(axis, n, q spec, kv spec, mask spec) when `rules` shard the length over a mesh axis of size
+    n > 1 (`sizes`: mesh axis -> size), else None. Batch / head axes that do not divide the arrays
+    are replicated."""
     batch, heads, length, _ = nn.logical_to_mesh_axes(_QKV_AXES, rules)
-    if length is None or _size(mesh, length) == 1:
+    if length is None or _size(sizes, length) == 1:
         return None
     if not isinstance(length, str):
-        named = tuple(a for a in length if mesh.shape[a] > 1)
+        named = tuple(a for a in length if sizes[a] > 1)
         if len(named) != 1:
             raise ValueError(f"sequence parallelism shards the length over one mesh axis; the rules map "
-                             f"activation_length to {length} (sizes {[mesh.shape[a] for a in length]})")
+                             f"activation_length to {length} (sizes {[sizes[a] for a in length]})")
         length = named[0]
     if length in (heads if isinstance(heads, tuple) else (heads,)):
         raise ValueError(f"the rules map both activation_length and activation_heads to '{length}'")
-    b, hq = q.shape[:2]
-    batch = batch if b % _size(mesh, batch) == 0 else None
-    heads = heads if hq % _size(mesh, heads) == 0 else None
-    kv_heads = heads if k.shape[1] % _size(mesh, heads) == 0 else None
-    return (mesh, length, mesh.shape[length], P(batch, heads, length, None), P(batch, kv_heads, length, None),
-            P(batch, length))
+    batch = batch if b % _size(sizes, batch) == 0 else None
+    heads = heads if hq % _size(sizes, heads) == 0 else None
+    kv_heads = heads if hkv % _size(sizes, heads) == 0 else None
+    return length, sizes[length], P(batch, heads, length, None), P(batch, kv_heads, length, None), P(batch, length)
+
+
+def _check_heads(method, hq, sizes, plan) -> None:
+    axis, n, qspec = plan[:3]
+    t = _size(sizes, qspec[1])
+    if method == "ulysses" and (hq // t) % n:
+        raise ValueError(
+            f"sequence_parallel='ulysses' needs the query heads per tensor shard (n_heads={hq} / {t} = {hq // t}) "
+            f"divisible by the '{axis}' mesh axis size {n}; use model.sequence_parallel='ring' or a mesh whose "
+            f"sequence axis divides {hq // t}")
 
 
 # ----------------------------------------------------------------------------------------------
