@@ -30,6 +30,7 @@ cross-attention to the caption (short, replicated keys) are left to XLA's partit
 
 from __future__ import annotations
 
+import functools
 import math
 
 import flax.linen as nn
@@ -184,24 +185,31 @@ def _ulysses_local(q, k, v, mask, *, axis, n, scale, implementation):
 def _ring_local(q, k, v, mask, *, axis, n, scale, implementation):
     """Local queries against the k/v chunk of every device, the chunks passed round the ring.
 
-    The first step uses the device's own chunk; each of the n - 1 scan steps receives the previous
-    device's chunk (`ppermute` i -> i+1) and merges its (out, logsumexp). No causal mask, so the
-    order of the chunks does not matter. `implementation` is unused: the per-chunk kernel is
-    `chunk_attention` (one place, to be swapped for a memory-linear one returning lse).
+    Each step sends the chunk it holds to the next device (`ppermute` i -> i+1) while it attends to
+    it (the two are independent, so an async collective-permute can overlap the compute), then
+    merges the chunk's (out, logsumexp): n chunks, n - 1 permutes. No causal mask, so the order of
+    the chunks does not matter. The per-chunk kernel is rematerialised (`jax.checkpoint`): the
+    backward keeps only each step's k/v chunk, not its `[Lq, Lk/n]` probabilities, so a device
+    holds O(L * D) residuals per layer plus one chunk's scores at a time. `implementation` is
+    unused: the per-chunk kernel is `chunk_attention` (one place, to be swapped for a fused one
+    returning lse).
     """
     del implementation
-    kv = (k, v) if mask is None else (k, v, mask)
-    out, lse = chunk_attention(q, *kv, scale=scale)
+    kernel = jax.checkpoint(functools.partial(chunk_attention, scale=scale))
     perm = [(i, (i + 1) % n) for i in range(n)]
+    send = lambda kv: tuple(lax.ppermute(z, axis, perm) for z in kv)
+    kv = (k, v) if mask is None else (k, v, mask)
+    received = send(kv)
+    out, lse = kernel(q, *kv)
 
     def step(carry, _):
         out, lse, kv = carry
-        kv = tuple(lax.ppermute(z, axis, perm) for z in kv)
-        out_i, lse_i = chunk_attention(q, *kv, scale=scale)
-        out, lse = merge(out, lse, out_i, lse_i)
-        return (out, lse, kv), None
+        received = send(kv)
+        out, lse = merge(out, lse, *kernel(q, *kv))
+        return (out, lse, received), None
 
-    (out, lse, _), _ = lax.scan(step, (out, lse, kv), None, length=n - 1)
+    (out, lse, kv), _ = lax.scan(step, (out, lse, received), None, length=n - 2)
+    out, _ = merge(out, lse, *kernel(q, *kv))
     return out.astype(q.dtype)
 
 
