@@ -277,7 +277,8 @@ def test_kind_table_builds_and_round_trips_every_preset():
     fields = dict(dim=64, n_layers=2, n_heads=4, num_classes=10)
     assert FlagDiTConfig(**fields) != NextDiTConfig(**fields)
     for text, preset in zip(_OLD_MODEL_JSON, ["flagdit-tiny", "lumina-next-tiny", "dit-tiny"]):
-        assert registry.config_from_dict(json.loads(text)) == registry.get_config(preset)
+        # They name attention='xla' (the default then; 'auto' now) and keep it.
+        assert registry.config_from_dict(json.loads(text)) == registry.get_config(preset, attention="xla")
     with pytest.raises(ValueError, match=r"unknown model kind 'joint'; expected one of \['dit', 'flagdit', 'nextdit'\]"):
         registry.config_from_dict({"kind": "joint", "config": {}})
     with pytest.raises(ValueError, match=r"unknown NextDiTConfig field\(s\) \['bogus'\]"):

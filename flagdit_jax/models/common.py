@@ -59,7 +59,9 @@ class ModelConfig:
     nextframe: bool = False
     dtype: str = "float32"
     param_dtype: str = "float32"
-    attention: str = "xla"
+    # attention.dot_product_attention's implementation; 'auto' picks it per call from backend, dtype
+    # and lengths (attention.resolve_implementation): long sequences get the memory-linear path.
+    attention: str = "auto"
     # Activation rematerialisation of each block: 'none', 'full' (save nothing) or 'dots'
     # (save matmul outputs without batch dims), see layers.remat_block.
     remat: str = "none"
