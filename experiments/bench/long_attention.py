@@ -12,6 +12,8 @@ Writes experiments/results/long_attention.json (after every point) and a PNG plo
     python experiments/bench/long_attention.py [--tokens 4096,16384,65536,131072] [--dim 64 --heads 4]
         [--xla-max 8192]   # 'xla' only up to this length (16K fwd+bwd needs > 15 GB RSS)
     python experiments/bench/long_attention.py --plot-only   # PNG from the JSON
+    python experiments/bench/long_attention.py --tiles --tokens 1024,2048,8192 [--batch 1 --heads 4 --kv-heads 2
+        --head-dim 16]   # attention alone, fwd+bwd: 'xla' vs blockwise tile sizes, alternated in one process
 """
 
 from __future__ import annotations
@@ -74,6 +76,40 @@ def worker(args):
     }))
 
 
+def tiles(args):
+    """Attention alone (fwd + bwd): 'xla' (up to --xla-max) and blockwise tiles, alternated in one
+    process (best of --iters), time ratios to the first candidate."""
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from flagdit_jax.models import attention as A
+
+    rng = np.random.default_rng(0)
+    hkv = args.kv_heads or args.heads
+    for n in [int(t) for t in args.tokens.split(",")]:
+        q = jnp.asarray(rng.standard_normal((args.batch, args.heads, n, args.head_dim), np.float32))
+        k, v = (jnp.asarray(rng.standard_normal((args.batch, hkv, n, args.head_dim), np.float32)) for _ in "kv")
+        cands = {"xla": functools.partial(A.dot_product_attention, implementation="xla")} if n <= args.xla_max else {}
+        for bq, bk in ((512, 512), (1024, 512), (1024, 1024), (2048, 512)):
+            cands[f"{bq}x{bk}"] = functools.partial(A.blockwise_attention, block_q=bq, block_k=bk)
+        fns = {name: jax.jit(jax.grad(lambda q, k, v, f=f: jnp.sum(f(q, k, v) ** 2), (0, 1, 2)))
+               for name, f in cands.items()}
+        for f in fns.values():
+            jax.block_until_ready(f(q, k, v))
+        best = {name: float("inf") for name in fns}
+        for _ in range(args.iters):
+            for name, f in fns.items():
+                t0 = time.perf_counter()
+                jax.block_until_ready(f(q, k, v))
+                best[name] = min(best[name], time.perf_counter() - t0)
+        base = next(iter(best.values()))
+        print(f"{n:>7} tokens: " + "  ".join(f"{name} {t:.3f}s ({t / base:.2f}x)" for name, t in best.items()),
+              flush=True)
+
+
 def run_worker(args, impl, tokens, idle=False):
     cmd = [sys.executable, __file__, "--worker", "--impl", impl, "--tokens", str(tokens), "--dim", str(args.dim),
            "--heads", str(args.heads), "--kv-heads", str(args.kv_heads)] + (["--idle"] if idle else [])
@@ -96,14 +132,15 @@ def plot(data, path):
         print("matplotlib is not installed: no PNG (pip install matplotlib, then --plot-only)")
         return
     fig, (ax_m, ax_t) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for impl, style in (("auto", "o-"), ("xla", "s--")):
+    for impl, color, marker in (("auto", "tab:blue", "o"), ("xla", "tab:red", "s")):
         pts = sorted((r for r in data["points"] if r["impl"] == impl and "error" not in r), key=lambda r: r["tokens"])
         if not pts:
             continue
         t = [r["tokens"] for r in pts]
-        ax_m.plot(t, [r["rss_MB"] for r in pts], style, label=f"{impl}: peak RSS - idle")
-        ax_m.plot(t, [r["xla_temp_MB"] for r in pts], style, alpha=0.5, label=f"{impl}: XLA temp bytes")
-        ax_t.plot(t, [r["run_s"] for r in pts], style, label=impl)
+        name = "auto (blockwise)" if impl == "auto" else "xla (full scores)"
+        ax_m.plot(t, [r["rss_MB"] for r in pts], "-", color=color, marker=marker, label=f"{name}: peak RSS - idle")
+        ax_m.plot(t, [r["xla_temp_MB"] for r in pts], ":", color=color, marker=marker, label=f"{name}: XLA temp")
+        ax_t.plot(t, [r["run_s"] for r in pts], "-", color=color, marker=marker, label=name)
     for ax, ylabel in ((ax_m, "MB"), (ax_t, "seconds (fwd + bwd)")):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
@@ -127,6 +164,10 @@ def main():
     ap.add_argument("--xla-max", type=int, default=8192, help="run 'xla' only up to this many tokens")
     ap.add_argument("--json", default=str(RESULTS / "long_attention.json"))
     ap.add_argument("--plot-only", action="store_true")
+    ap.add_argument("--tiles", action="store_true", help="attention alone: xla vs blockwise tile sizes")
+    ap.add_argument("--batch", type=int, default=1, help="--tiles only")
+    ap.add_argument("--head-dim", type=int, default=16, help="--tiles only")
+    ap.add_argument("--iters", type=int, default=3, help="--tiles only")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--idle", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--impl", default="auto", help=argparse.SUPPRESS)
@@ -134,6 +175,8 @@ def main():
     if args.worker:
         args.tokens = int(args.tokens)
         return worker(args)
+    if args.tiles:
+        return tiles(args)
     json_path = pathlib.Path(args.json)
     if args.plot_only:
         return plot(json.loads(json_path.read_text()), json_path.with_suffix(".png"))
