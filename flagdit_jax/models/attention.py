@@ -2,8 +2,8 @@
 head_dim]` layout, grouped KV heads, key masks, any softmax scale); the `attention` field of a model
 config picks the implementation ('auto' resolves it from backend, dtype and shapes).
 
-'blockwise' is the memory-linear path (FlashAttention-2 in plain JAX, written here because no
-maintained JAX library ships one for CPU/GPU-fp32; algorithm of Dao 2023, arXiv 2307.08691,
+'blockwise' is the memory-linear path (FlashAttention-2 in plain JAX, written here because the
+maintained fused kernels (cuDNN, Pallas GPU/TPU, tokamax) do not run on XLA:CPU; algorithm of Dao 2023, arXiv 2307.08691,
 Alg. 1-2): online softmax over key blocks for each query block, and its own backward that
 recomputes the scores block by block from q, k and the saved per-row logsumexp, so forward and
 backward hold O(L * block) scores instead of O(L^2).
@@ -21,7 +21,8 @@ import numpy as np
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "blockwise", "cudnn", "splash")
 
 # Default tiles of `blockwise_attention`: 512 x 512 was the fastest of 512/1024/2048 x 512/1024 for
-# fwd+bwd on XLA:CPU at 2K-16K tokens (head_dim 16 and 64; 16K: 1.35x faster than 1024 x 512).
+# fwd+bwd on XLA:CPU at 2K-16K tokens (head_dim 16 and 64; 16K: 1.35x faster than 1024 x 512;
+# `python experiments/bench/long_attention.py --tiles`).
 BLOCK_Q = 512
 BLOCK_K = 512
 # 'auto' keeps the full-score 'xla' path while Lq * Lk (per head) is at most this. XLA:CPU: the
