@@ -13,7 +13,7 @@ import pytest
 from conftest import assert_parity
 from flagdit_jax import sharding, tokens as tok
 from flagdit_jax.models import registry, sequence_parallel as sp
-from flagdit_jax.models.attention import dot_product_attention
+from flagdit_jax.models.attention import ATTENTION_IMPLEMENTATIONS, dot_product_attention
 
 METHODS = ("ulysses", "ring")
 COLLECTIVE = {"ulysses": "all-to-all", "ring": "collective-permute"}
@@ -39,9 +39,10 @@ def reference():
     return jax.jit(lambda q, k, v: (attn(q, k, v), loss_and_grads(attn, q, k, v)))(q, k, v)
 
 
-def sharded_attention(shape, method, **kw):
+def sharded_attention(shape, method, implementation="xla", **kw):
     q, k, v, mask = qkv_mask(**kw)
-    attn = lambda q, k, v: sp.attention(q, k, v, key_mask=mask, scale=0.3, method=method)
+    attn = lambda q, k, v: sp.attention(q, k, v, key_mask=mask, scale=0.3, method=method,
+                                        implementation=implementation)
     fn = jax.jit(lambda q, k, v: (attn(q, k, v), loss_and_grads(attn, q, k, v)))
     with jax.set_mesh(sharding.make_mesh(shape)), nn.logical_axis_rules(sharding.DEFAULT_RULES):
         compiled = fn.lower(q, k, v).compile()
@@ -65,21 +66,38 @@ def test_attention_equals_unsharded_forward_and_gradients(method, shape, referen
     assert COLLECTIVE["ring" if method == "ulysses" else "ulysses"] not in hlo
 
 
+@pytest.mark.skipif("blockwise" not in ATTENTION_IMPLEMENTATIONS, reason="attention.py has no 'blockwise' yet")
+def test_ulysses_runs_the_memory_linear_kernel_locally(reference):
+    """'ulysses' calls dot_product_attention with the config's implementation on full-length heads:
+    the scan-based 'blockwise' kernel runs inside shard_map and still equals the plain attention."""
+    ref_out, (ref_loss, ref_grads) = reference
+    out, (loss, grads), hlo = sharded_attention((1, 1, 8, 1), "ulysses", implementation="blockwise")
+    assert_parity(out, ref_out)
+    for g, r in zip(grads, ref_grads):
+        assert_parity(g, r)
+    assert "all-to-all" in hlo
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
 def test_attention_replicates_batch_and_kv_heads_that_do_not_divide(method):
     """Batch 1 over data=2 and 3 kv heads (GQA 2) over tensor=2 / sequence=2: replicated or repeated,
     still equal; 'ulysses' with 3 query heads per tensor shard on a sequence axis of 2 is refused."""
     q, k, v, mask = qkv_mask(b=1, hq=6, hkv=3, length=16)
-    ref = jax.jit(lambda q, k, v: dot_product_attention(q, k, v, key_mask=mask))(q, k, v)
+    plain = lambda q, k, v: dot_product_attention(q, k, v, key_mask=mask)
+    ref_out, (_, ref_grads) = jax.jit(lambda q, k, v: (plain(q, k, v), loss_and_grads(plain, q, k, v)))(q, k, v)
+    attn = lambda q, k, v: sp.attention(q, k, v, key_mask=mask, method=method)
     for shape in ((2, 2, 2, 1), (1, 2, 2, 2)):
         with jax.set_mesh(sharding.make_mesh(shape)):
-            fn = jax.jit(lambda q, k, v: sp.attention(q, k, v, key_mask=mask, method=method))
+            fn = jax.jit(lambda q, k, v: (attn(q, k, v), loss_and_grads(attn, q, k, v)))
             if method == "ulysses" and shape[3] == 2:
                 with pytest.raises(ValueError, match=r"n_heads=6 / 2 = 3\) divisible by the 'sequence' mesh axis"):
                     fn(q, k, v)
                 continue
-            assert_parity(fn(q, k, v), ref)
+            out, (_, grads) = fn(q, k, v)
+        assert_parity(out, ref_out)
+        for g, r in zip(grads, ref_grads):
+            assert_parity(g, r)
 
 
 def test_no_mesh_or_unsharded_length_is_the_plain_path():
