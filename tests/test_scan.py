@@ -343,7 +343,7 @@ def _abstract_on_mesh(cfg, mesh):
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(boxed), shardings)
 
 
-@pytest.mark.parametrize("saved_scanned", [False, True])
+@pytest.mark.parametrize("saved_scanned", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_training_checkpoint_restores_into_either_layout(tmp_path, saved_scanned):
     """`checkpoint.restore_params`: a run's params (checksummed, FSDP-sharded over 8 devices) restore
     into the other block layout, on the config's shardings, equal to the converted arrays."""
