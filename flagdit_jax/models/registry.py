@@ -1,5 +1,7 @@
 """The model family's one table (`MODEL_KINDS`: kind -> (config class, module class)), size
-presets, `build(name_or_config)` and config (de)serialisation for checkpoints and converters.
+presets, `build(name_or_config)` and config (de)serialisation for checkpoints and converters, and
+`params_for(params, cfg)`: a parameter tree in the config's block layout (per layer or scanned,
+`scan_params` / `unscan_params` from `layer_stack`).
 
 Sizes are REFERENCE.md §2 (from the official constructors). `python -m flagdit_jax.models.registry`
 prints the table with parameter counts from `jax.eval_shape` (no memory is allocated).
