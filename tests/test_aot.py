@@ -166,3 +166,31 @@ def test_train_loop_runs_the_aot_executable(caplog):
     steps.kind = "TPU v4"  # a kind with a peak: MFU = FLOPs/s over 275 TFLOP/s
     steps.window_flops = 550e12
     assert steps.throughput(1.0)["mfu"] == pytest.approx(2.0)
+
+
+@pytest.mark.slow
+def test_benchmark_scripts_compare_the_same_function(tmp_path):
+    """vs_diffusers builds both models from one config with equal parameter counts and the same
+    weights (forward and the CFG sampling loop agree); mfu.py --smoke runs the real train step."""
+    import importlib.util
+
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("diffusers")
+
+    def load(name):
+        spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / "bench" / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+
+    threads = torch.get_num_threads()
+    try:
+        r = load("vs_diffusers").main(["--size", "tiny", "--iters", "1", "--warmup", "0", "--sample-iters", "1",
+                                       "--sample-steps", "3", "--json", str(tmp_path / "vd.json")])
+    finally:
+        torch.set_num_threads(threads)
+    assert r["params_ours"] == r["params_diffusers_distinct"]
+    assert r["forward_max_abs_diff"] < 1e-4 and r["sample_max_abs_diff"] < 1e-4
+    assert all(r[k]["ours"] > 0 and r[k]["diffusers"] > 0 for k in ("train", "forward", "sample"))
+    m = load("mfu").main(["--smoke", "--json", str(tmp_path / "mfu.json")])
+    assert m["steps_per_sec"] > 0 and m["model_flops_per_step"] > 0 and m["mfu"] is None  # CPU: no peak

@@ -27,6 +27,7 @@ Ratios are theirs / ours (> 1: ours faster). Results also go to --json.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -54,7 +55,8 @@ def parse(argv=None):
     ap.add_argument("--sample-batch", type=int, default=2, help="images per sampling run (x2 with CFG)")
     ap.add_argument("--sample-steps", type=int, default=10, help="denoising steps (transformer calls)")
     ap.add_argument("--guidance", type=float, default=4.0, help="CFG scale (LuminaPipeline's default 4.0)")
-    ap.add_argument("--threads", type=int, default=2, help="torch threads (XLA uses the process's cores)")
+    ap.add_argument("--threads", type=int, default=2,
+                    help="torch threads; XLA uses the process's cores, or one thread with --threads 1")
     ap.add_argument("--iters", type=int, default=7)
     ap.add_argument("--sample-iters", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=2)
@@ -110,6 +112,9 @@ def interleaved(fns: dict, iters: int, warmup: int) -> dict:
 
 def main(argv=None):
     args = parse(argv)
+    if args.threads == 1:  # XLA:CPU on one thread too (set before jax starts its client)
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false "
+                                   "intra_op_parallelism_threads=1").strip()
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -145,6 +150,10 @@ def main(argv=None):
           f"cross-attention query -> {n_theirs - dup:,} distinct ({'equal' if n_theirs - dup == n_ours else 'DIFFER'})")
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} ({os.cpu_count()} cores); torch {torch.__version__}"
           f" with {torch.get_num_threads()} threads; attention {cfg.attention}")
+    # Other processes' load matters: torch's OpenMP workers spin at barriers and lose far more than
+    # XLA's pool when the cores are oversubscribed, so ratios are only fair on an idle machine.
+    load0 = os.getloadavg()
+    print(f"load average at start: {load0[0]:.1f} (1 min), {load0[1]:.1f} (5 min) on {os.cpu_count()} cores")
 
     rng = np.random.default_rng(0)
     x_np = rng.standard_normal((B, C, hw, hw)).astype(np.float32)
@@ -218,10 +227,9 @@ def main(argv=None):
                 opt.step()
             return step
 
-        fns = {"ours": ours_train, "diffusers": torch_train_fn(theirs)}
+        # Train copies: the optimizer steps must not change the model that forward / sampling compare.
+        fns = {"ours": ours_train, "diffusers": torch_train_fn(copy.deepcopy(theirs))}
         if args.torch_compile:
-            import copy
-
             compiled = copy.deepcopy(theirs)
             compiled.forward = torch.compile(compiled.forward)
             t0 = time.perf_counter()
@@ -254,17 +262,14 @@ def main(argv=None):
 
         @jax.jit
         def ours_sample(p, x0_frames, cap, null, mask):
+            # The state is [n, L, p*p, C] (channels last, as sample.make_generator keeps it) so that
+            # guidance reaches the first 3 latent channels of every patch pixel.
             def model_fn(x, t, c):
-                return apply(p, x, t, c[0], c[1], lay=pair)
+                return apply(p, x.reshape(x.shape[0], x.shape[1], -1), t, c[0], c[1], lay=pair).reshape(x.shape)
 
             v = samplers.guided_velocity_fn(model_fn, (cap, mask), (null, mask), scale, channels=3)
-            # channels-last tokens: guidance on the first 3 latent channels of every patch pixel
             x0 = tok.pack_for(cfg, x0_frames).tokens.reshape(n, -1, 4, C)
-
-            def v_tokens(x, t):
-                return v(x.reshape(n, -1, 4 * C), t).reshape(x.shape)
-
-            x1 = samplers.sample_ode(v_tokens, x0, method="euler", t_grid=grid)
+            x1 = samplers.sample_ode(v, x0, method="euler", t_grid=grid)
             return tok.unpack(x1.reshape(n, -1, 4 * C), one)
 
         if cfg.patch_size != 2:
@@ -310,6 +315,9 @@ def main(argv=None):
         extra = "".join(f"   {k} {v:.3f} s ({v / r['ours']:.2f}x)" for k, v in r.items()
                         if k not in ("ours", "diffusers"))
         print(f"{name:<34}{r['ours']:>8.3f}s{r['diffusers']:>10.3f}s   {r['diffusers'] / r['ours']:.2f}x{extra}")
+    load1 = os.getloadavg()
+    print(f"load average at end: {load1[0]:.1f} (1 min), {load1[1]:.1f} (5 min)")
+    results["load_average_start_end"] = [load0[0], load1[0]]
     out = pathlib.Path(args.json or pathlib.Path(__file__).resolve().parents[1] / "results" /
                        f"vs_diffusers_{args.size}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
