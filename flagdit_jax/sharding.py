@@ -98,5 +98,5 @@ def check_sequence_length(length: int, mesh_shape: Sequence[int], rules=DEFAULT_
     n = sequence_shards(mesh_shape, rules)
     if length % n:
         fit = [m for m in range(length, length + 4 * n) if m % n == 0][:2]
-        raise ValueError(f"{what} {length} must be divisible by the sequence axis size {n} of mesh shape "
+        raise ValueError(f"{what} ({length}) must be divisible by the sequence axis size {n} of mesh shape "
                          f"{tuple(mesh_shape)} (sequence parallelism splits the tokens evenly); e.g. pad to {fit}")

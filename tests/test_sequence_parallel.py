@@ -13,7 +13,7 @@ import pytest
 from conftest import assert_parity
 from flagdit_jax import sharding, tokens as tok
 from flagdit_jax.models import registry, sequence_parallel as sp
-from flagdit_jax.models.attention import ATTENTION_IMPLEMENTATIONS, dot_product_attention
+from flagdit_jax.models.attention import dot_product_attention
 
 METHODS = ("ulysses", "ring")
 COLLECTIVE = {"ulysses": "all-to-all", "ring": "collective-permute"}
@@ -66,16 +66,16 @@ def test_attention_equals_unsharded_forward_and_gradients(method, shape, referen
     assert COLLECTIVE["ring" if method == "ulysses" else "ulysses"] not in hlo
 
 
-@pytest.mark.skipif("blockwise" not in ATTENTION_IMPLEMENTATIONS, reason="attention.py has no 'blockwise' yet")
-def test_ulysses_runs_the_memory_linear_kernel_locally(reference):
-    """'ulysses' calls dot_product_attention with the config's implementation on full-length heads:
-    the scan-based 'blockwise' kernel runs inside shard_map and still equals the plain attention."""
+@pytest.mark.parametrize("method", ["ulysses", pytest.param("ring", marks=pytest.mark.slow)])
+def test_memory_linear_kernel_inside(method, reference):
+    """implementation='blockwise': 'ulysses' runs it on full-length heads, 'ring' on each chunk (with
+    its logsumexp); both inside shard_map, both equal the plain attention, values and gradients."""
     ref_out, (ref_loss, ref_grads) = reference
-    out, (loss, grads), hlo = sharded_attention((1, 1, 8, 1), "ulysses", implementation="blockwise")
+    out, (loss, grads), hlo = sharded_attention((1, 1, 8, 1), method, implementation="blockwise")
     assert_parity(out, ref_out)
     for g, r in zip(grads, ref_grads):
         assert_parity(g, r)
-    assert "all-to-all" in hlo
+    assert COLLECTIVE[method] in hlo
 
 
 @pytest.mark.slow
@@ -120,7 +120,7 @@ def test_bad_input_errors():
             sp.attention(q, k, v, key_mask=mask, method="ulysses")
     with pytest.raises(ValueError, match="sequence_parallel='tree'"):
         sp.attention(q, k, v, method="tree")
-    with pytest.raises(ValueError, match=r"token length 72 must be divisible by the sequence axis size 5"):
+    with pytest.raises(ValueError, match=r"token length \(72\) must be divisible by the sequence axis size 5"):
         sharding.check_sequence_length(72, (1, 1, 5, 1))
     sharding.check_sequence_length(72, (1, 1, 8, 1))
     cfg = registry.get_config("flagdit-tiny")  # 4 heads

@@ -6,6 +6,15 @@ and prints XLA's per-device `memory_analysis()` (temporaries, arguments) with ra
 single-device program.
 
   python experiments/bench/sequence_parallel_memory.py --size 128 --devices 8
+  python experiments/bench/sequence_parallel_memory.py --size 256 --attention blockwise
+
+Measured (2 layers, dim 128, 8 heads, 8 fake CPU devices), temporaries MiB per device:
+  4,096 tokens, 'xla':        one device 2174.1, ulysses 269.5 (0.124), ring 87.5 (0.040)
+  4,096 tokens, 'blockwise':  one device  196.8, ulysses  21.8 (0.111), ring 81.9 (0.416)
+  16,384 tokens, 'blockwise': one device  787.7, ulysses  95.1 (0.121), ring 181.3 (0.230)
+The ring's extra is one chunk's tiles for all heads at once (constant in L) plus the k/v chunk
+each scan step keeps for autodiff (L * D per device in all); a ring with its own backward that
+passes k/v round again would drop the latter.
 """
 
 import argparse

@@ -13,7 +13,8 @@ it under `jax.shard_map` with one of two schemes (the model config's `sequence_p
 * 'ring' (Ring Attention, Liu et al. 2023): each device keeps its query chunk while the key/value
   chunks (with their key-mask chunk) travel round the ring by `lax.ppermute` in a `lax.scan`; each
   step's (out, logsumexp) is merged by the online-softmax rule. Any head count; n - 1 permutes of
-  k/v per layer.
+  k/v per layer. The per-chunk kernel is the memory-linear `attention.blockwise_attention` (with
+  its logsumexp) unless the config's implementation is, or resolves to, 'xla' for one chunk.
 
 Batch stays sharded over `data` x `fsdp` and heads over `tensor` (the same logical rules), so
 sequence parallelism composes with FSDP and tensor parallelism by the mesh shape alone.
@@ -21,11 +22,15 @@ sequence parallelism composes with FSDP and tensor parallelism by the mesh shape
 How to enable it: give the mesh a `sequence` axis > 1 (`config.mesh.shape = (data, fsdp,
 sequence, tensor)`, e.g. `(1, 2, 2, 2)`) and pick the scheme with `config.model.sequence_parallel`
 ('ulysses', the default, or 'ring'). The token length (pads included: `config.data.buckets`) must
-be divisible by the sequence axis size (`sharding.check_sequence_length`). With no mesh, or a
-sequence axis of size 1, `attention` is exactly `dot_product_attention`.
+be divisible by the sequence axis size (`sharding.check_sequence_length`). The mesh is read from
+the context (`jax.set_mesh`, as `train` runs its step; a custom loop or sampler must do the same)
+and the axes from the current `nn.logical_axis_rules` (default `sharding.DEFAULT_RULES`). With no
+mesh, or a sequence axis of size 1, `attention` is exactly `dot_product_attention`. Ulysses moves
+q, k, v and the output once per layer (all-to-all) and keeps the local kernel's speed; ring moves
+only k/v, n - 1 times, and fits any head count: prefer ulysses when the heads allow it.
 
-Only the plain self-attention goes sequence-parallel; style sharing, context drop and the
-cross-attention to the caption (short, replicated keys) are left to XLA's partitioner.
+Only the plain self-attention goes sequence-parallel; style sharing, context drop's pooled keys
+and the cross-attention to the caption (short, replicated keys) are left to XLA's partitioner.
 """
 
 from __future__ import annotations
@@ -191,14 +196,10 @@ def _ring_local(q, k, v, mask, *, axis, n, scale, implementation):
     Each step sends the chunk it holds to the next device (`ppermute` i -> i+1) while it attends to
     it (the two are independent, so an async collective-permute can overlap the compute), then
     merges the chunk's (out, logsumexp): n chunks, n - 1 permutes. No causal mask, so the order of
-    the chunks does not matter. The per-chunk kernel is rematerialised (`jax.checkpoint`): the
-    backward keeps only each step's k/v chunk, not its `[Lq, Lk/n]` probabilities, so a device
-    holds O(L * D) residuals per layer plus one chunk's scores at a time. `implementation` is
-    unused: the per-chunk kernel is `chunk_attention` (one place, to be swapped for a fused one
-    returning lse).
+    the chunks does not matter. The per-chunk kernel is `_chunk_kernel`'s; either way the backward
+    keeps O(L/n * D) per chunk, not the chunk's `[Lq, Lk/n]` probabilities.
     """
-    del implementation
-    kernel = jax.checkpoint(functools.partial(chunk_attention, scale=scale))
+    kernel = _chunk_kernel(implementation, q, k, scale)
     perm = [(i, (i + 1) % n) for i in range(n)]
     send = lambda kv: tuple(lax.ppermute(z, axis, perm) for z in kv)
     kv = (k, v) if mask is None else (k, v, mask)
@@ -216,13 +217,35 @@ def _ring_local(q, k, v, mask, *, axis, n, scale, implementation):
     return out.astype(q.dtype)
 
 
+def _chunk_kernel(implementation, q, k, scale):
+    """The ring's per-chunk `(q, k, v[, mask]) -> (out, lse)`, chosen at trace time: the plain
+    `chunk_attention`, rematerialised (`jax.checkpoint`: its backward recomputes the chunk's scores),
+    when the config's implementation is or resolves to 'xla' for a chunk; otherwise
+    `attention.blockwise_attention(return_lse=True)` (memory-linear tiles with their own backward;
+    cuDNN / splash return no logsumexp, so long chunks on GPU / TPU use it too)."""
+    from flagdit_jax.models import attention
+
+    lq, lk, d = q.shape[2], k.shape[2], q.shape[3]
+    if implementation == "auto":
+        implementation = attention.resolve_implementation(q_len=lq, k_len=lk, head_dim=d, dtype=q.dtype)
+    if implementation == "xla":
+        return jax.checkpoint(functools.partial(chunk_attention, scale=scale))
+
+    def blockwise(q, k, v, mask=None):
+        out, lse = attention.blockwise_attention(q, k, v, key_mask=mask, scale=scale, return_lse=True)
+        return out.astype(jnp.float32), lse  # merged in float32, as chunk_attention's
+
+    return blockwise
+
+
 def chunk_attention(q, k, v, key_mask=None, *, scale):
     """Attention of q against one key chunk with its logsumexp: the ring's per-chunk kernel.
 
     q `[b, Hq, Lq, D]`, k/v `[b, Hkv, Lk, D]`, key_mask `[b, Lk]` -> (out `[b, Hq, Lq, D]` float32,
-    lse `[b, Hq, Lq]` float32). Plain jnp, differentiated by autodiff (written here: attention.py
-    has no lse-returning kernel yet). Masked logits are float32 min (as `dot_product_attention`),
-    not -inf, so a chunk with no valid key yields weight ~0 in `merge` instead of NaN.
+    lse `[b, Hq, Lq]` float32). The full-chunk form of the 'xla' implementation (same float32
+    softmax, same all-masked-row mean), plain jnp differentiated by autodiff; long chunks use
+    `attention.blockwise_attention` instead (`_chunk_kernel`). Masked logits are float32 min, not
+    -inf, so a chunk with no valid key gets weight ~0 in `merge` instead of NaN.
     """
     b, hq, lq, d = q.shape
     hkv = k.shape[1]
