@@ -174,11 +174,12 @@ def test_flagdit_scan_with_remat_gradients_equal_loop():
     Pair("flagdit-tiny", scan_remat="full").check_grads()
 
 
+@pytest.mark.slow
 def test_next_dit_t2i_context_drop_under_scan():
     """Text-conditional Next-DiT (cross-attention, a padded caption) with time-aware context drop
     (a lax.cond on a traced predicate inside the scanned block), proportional attention and the
-    watershed RoPE switch: output and every block's intermediate. (Its gradients, every kind and
-    every remat policy: the slow tests.)"""
+    watershed RoPE switch: output and every block's intermediate (gradients:
+    test_next_dit_t2i_options_gradients_under_scan)."""
     Pair("lumina-next-tiny").check_forward(options=InferenceOptions(
         context_drop=2, context_drop_until=0.5, base_seqlen=9, scale_factor=1.5, scale_watershed=0.4))
 
@@ -343,7 +344,8 @@ def _abstract_on_mesh(cfg, mesh):
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(boxed), shardings)
 
 
-@pytest.mark.parametrize("saved_scanned", [False, pytest.param(True, marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("saved_scanned", [False, True])
 def test_training_checkpoint_restores_into_either_layout(tmp_path, saved_scanned):
     """`checkpoint.restore_params`: a run's params (checksummed, FSDP-sharded over 8 devices) restore
     into the other block layout, on the config's shardings, equal to the converted arrays."""
