@@ -20,7 +20,8 @@ def get_config(arg=None):
     c.model = ml_collections.ConfigDict(dict(
         preset="flagdit-tiny", dim=128, n_layers=4, n_heads=4, n_kv_heads=None, patch_size=4, in_channels=1,
         multiple_of=128,  # SwiGLU hidden 384 (the reference rounds int(8d/3) up to this multiple)
-        num_classes=10, class_dropout_prob=0.1, dtype="float32", remat="none"))
+        num_classes=10, class_dropout_prob=0.1, dtype="float32", remat="none",
+        attention="auto", scan_layers=False, sequence_parallel="ulysses"))
 
     c.data = ml_collections.ConfigDict(dict(name="mnist", image_size=32, channels=1, worker_count=0))
 

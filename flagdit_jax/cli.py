@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import pathlib
@@ -92,6 +93,9 @@ def _convert(args) -> int:
                 src = f"--model-args {args.model_args}" if args.model_args else f"--config-json {args.config_json}"
                 raise ValueError(f"{src}: {e}") from e
         params = official.params_from_state_dict(state_dict, cfg)
+    if args.scan_layers:  # one stacked `layers` subtree (ModelConfig.scan_layers)
+        cfg = dataclasses.replace(cfg, scan_layers=True)
+        params = registry.params_for(params, cfg)
     checkpoint.save_params(out, params, cfg, overwrite=args.overwrite)
     n = sum(v.size for v in __import__("jax").tree.leaves(params))
     print(f"converted {len(state_dict)} tensors ({n:,} parameters) -> {out.absolute()}")
@@ -345,6 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--preset", help="one of our preset names instead of official arguments")
     c.add_argument("--output", required=True, help="output directory (params/ + model.json)")
     c.add_argument("--overwrite", action="store_true")
+    c.add_argument("--scan-layers", action="store_true",
+                   help="write the blocks as one stacked `layers` subtree (a scan_layers model)")
     c.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     c.set_defaults(fn=_convert)
 

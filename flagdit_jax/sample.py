@@ -29,7 +29,6 @@ def load_params(config, workdir: str | pathlib.Path, *, use_ema: bool = True):
     s, _ = train.setup(config)
     key = "ema_params" if use_ema else "params"
     abstract = {key: getattr(s.abstract_state, key)}
-    restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), abstract)
     directory = pathlib.Path(workdir).absolute() / "checkpoints"
     steps = []
     if directory.is_dir():
@@ -37,15 +36,12 @@ def load_params(config, workdir: str | pathlib.Path, *, use_ema: bool = True):
         steps = sorted(mngr.all_steps(), reverse=True)
     if not steps:
         raise FileNotFoundError(f"no checkpoint in {directory}; run `flagdit train` with --workdir {workdir} first")
-    args = ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args, partial_restore=True)
     errors = []
     try:
         for step in steps:
             try:
-                checkpoint.check_fits(directory / str(step), abstract, keys=(key,))
-                params = mngr.restore(step, args=ocp.args.Composite(state=args)).state[key]
-                checkpoint.verify(mngr, step, {key: params})
-                return params, s, step
+                # Either block layout: a per-layer run samples from a scanned config and vice versa.
+                return checkpoint.restore_params(mngr, step, key, abstract[key], s.model_cfg), s, step
             except Exception as e:  # noqa: BLE001 - reported, then the previous checkpoint is tried
                 errors.append(e)
                 logging.warning("checkpoint %s is unreadable (%s: %s); trying the previous one", directory / str(step),

@@ -34,9 +34,11 @@ def test_convert_round_trip_reproduces_official_output(tmp_path, fmt):
         torch.save({k: torch.from_numpy(v) for k, v in sd.items()}, src)
     (tmp_path / "args.json").write_text(json.dumps(meta["config"]))
     out = tmp_path / "ckpt"
+    scan = fmt == "pth"  # one of the two conversions writes the scanned layout (stacked `layers`)
     assert cli.main(["convert", "--checkpoint", str(src), "--config-json", str(tmp_path / "args.json"),
-                     "--output", str(out)]) == 0
+                     "--output", str(out)] + ["--scan-layers"] * scan) == 0
     params, cfg = checkpoint.load_params(out)
+    assert cfg.scan_layers == scan and ("layers" in params) == scan and ("layers_0" in params) != scan
     x = npz["input.forward.x"]
     packed = tok.pack(jnp.asarray(x.transpose(0, 2, 3, 1))[:, None], cfg.patch_size, nextline=False)
     y = registry.build(cfg).apply({"params": params}, packed, jnp.asarray(npz["input.forward.t"]),

@@ -30,7 +30,8 @@ def get_config(arg: str = "600m"):
     preset = registry.PRESETS[f"flagdit-{arg}"]
     c.model = ml_collections.ConfigDict(dict(
         preset=f"flagdit-{arg}", dim=preset.dim, n_layers=preset.n_layers, n_heads=preset.n_heads,
-        patch_size=2, in_channels=4, num_classes=1000, class_dropout_prob=0.1, dtype="bfloat16", remat="dots"))
+        patch_size=2, in_channels=4, num_classes=1000, class_dropout_prob=0.1, dtype="bfloat16", remat="dots",
+        attention="auto", scan_layers=False, sequence_parallel="ulysses"))
 
     c.data = ml_collections.ConfigDict(dict(
         name="latents", image_size=32, channels=4, worker_count=4,

@@ -36,7 +36,8 @@ def get_config(arg="next"):
     c.caption_dropout = 0.1  # the official T2I trainers drop captions to "" w.p. 0.1
 
     c.model = ml_collections.ConfigDict(dict(
-        _MODELS[arg], patch_size=4, in_channels=1, cap_feat_dim=32, multiple_of=128, dtype="float32", remat="none"))
+        _MODELS[arg], patch_size=4, in_channels=1, cap_feat_dim=32, multiple_of=128, dtype="float32", remat="none",
+        attention="auto", scan_layers=False, sequence_parallel="ulysses"))
 
     # data.image_size is the sampling size of square grids; training sizes come from the data.
     c.data = ml_collections.ConfigDict(dict(

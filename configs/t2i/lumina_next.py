@@ -43,7 +43,8 @@ def get_config(arg="1024"):
     p = registry.PRESETS["lumina-next-2b"]
     c.model = ml_collections.ConfigDict(dict(
         preset="lumina-next-2b", dim=p.dim, n_layers=p.n_layers, n_heads=p.n_heads, n_kv_heads=p.n_kv_heads,
-        patch_size=2, in_channels=4, cap_feat_dim=2048, dtype="bfloat16", remat="dots"))
+        patch_size=2, in_channels=4, cap_feat_dim=2048, dtype="bfloat16", remat="dots",
+        attention="auto", scan_layers=False, sequence_parallel="ulysses"))
 
     c.data = ml_collections.ConfigDict(dict(
         name="encoded", image_size=size // 8, channels=4, worker_count=4, buckets=(_MAX_SEQ_LEN[size],),

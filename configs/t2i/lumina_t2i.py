@@ -45,7 +45,8 @@ def get_config(arg="256"):
     p = registry.PRESETS["lumina-t2i-5b"]
     c.model = ml_collections.ConfigDict(dict(
         preset="lumina-t2i-5b", dim=p.dim, n_layers=p.n_layers, n_heads=p.n_heads, patch_size=2, in_channels=4,
-        cap_feat_dim=4096, dtype="bfloat16", remat="dots"))
+        cap_feat_dim=4096, dtype="bfloat16", remat="dots",
+        attention="auto", scan_layers=False, sequence_parallel="ulysses"))
 
     c.data = ml_collections.ConfigDict(dict(
         name="encoded", image_size=stage // 8, channels=4, worker_count=4, buckets=(_MAX_SEQ_LEN[stage],),

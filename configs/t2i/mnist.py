@@ -48,7 +48,8 @@ def get_config(arg="next"):
 
     c.model = ml_collections.ConfigDict(dict(
         _MODELS[arg], dim=128, n_layers=6, n_heads=4, patch_size=2, in_channels=8, cap_feat_dim=384,
-        multiple_of=128, dtype="float32", remat="none"))
+        multiple_of=128, dtype="float32", remat="none",
+        attention="auto", scan_layers=False, sequence_parallel="ulysses"))
 
     # The training data is the cache `flagdit encode` writes to data_dir ({split}-NNNNN-of-NNNNN.array_record).
     # image_size: the latent side of square sample grids (32 px / 4).
