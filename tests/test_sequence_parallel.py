@@ -171,6 +171,15 @@ def model_inputs(cfg):
 _MODELS = {}
 
 
+def random_params(cfg):
+    """Random parameters of the model's shapes (numpy: a jitted init costs seconds of compile): 1-D
+    ones (norm scales, biases, gates) around 1, matrices ~ 1/sqrt(fan-in), so no path is zero."""
+    rng = np.random.default_rng(1)
+    shapes = nn.unbox(registry.abstract_params(cfg))
+    return jax.tree.map(lambda x: (1 + 0.1 * rng.standard_normal(x.shape) if len(x.shape) == 1 else
+                                   rng.standard_normal(x.shape) / np.sqrt(x.shape[-2])).astype(np.float32), shapes)
+
+
 def tiny_model(name):
     """(config, params, inputs, single-device output) of an 8-head tiny model (8 heads so that
     'ulysses' fits a sequence axis of 8), built once per session."""
@@ -184,9 +193,7 @@ def tiny_model(name):
             cfg = dataclasses.replace(registry.get_config(name), n_heads=8, n_kv_heads=2, n_layers=1)
         model = registry.build(cfg)
         packed, t, kw = model_inputs(cfg)
-        params = nn.unbox(jax.jit(model.init)(jax.random.key(0), packed, t, **kw)["params"])
-        rng = np.random.default_rng(1)  # perturb the zero-init gates / final layer so every path counts
-        params = jax.tree.map(lambda x: np.asarray(x) + 0.1 * rng.standard_normal(x.shape).astype(np.float32), params)
+        params = random_params(cfg)
         _MODELS[name] = cfg, params, (packed, t, kw), jax.jit(model.apply)({"params": params}, packed, t, **kw)
     return _MODELS[name]
 
@@ -230,9 +237,7 @@ def test_inference_options_under_a_sequence_mesh(method):
     t = jnp.array([0.3, 0.8])
     kw = dict(cap_feats=jnp.asarray(rng.standard_normal((2, 4, cfg.cap_feat_dim)), jnp.float32),
               cap_mask=np.ones((2, 4), bool))
-    model = registry.build(cfg)
-    params = nn.unbox(jax.jit(model.init)(jax.random.key(0), packed, t, **kw)["params"])
-    params = jax.tree.map(lambda x: np.asarray(x) + 0.1 * rng.standard_normal(x.shape).astype(np.float32), params)
+    model, params = registry.build(cfg), random_params(cfg)
     sp_model = registry.build(dataclasses.replace(cfg, sequence_parallel=method))
     for opts in (common.InferenceOptions(context_drop=2, context_drop_until=0.5),
                  common.InferenceOptions(style_groups=1), common.InferenceOptions(base_seqlen=16, scale_factor=1.5)):
