@@ -126,6 +126,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if any(not _is_int(b) or b <= 0 for b in buckets):
         raise ValueError(f"config.data.buckets={buckets}; expected positive token lengths, or () for one bucket per "
                          "length in the data")
+    rules = tuple(config.get("rules", sharding.DEFAULT_RULES))
+    from flagdit_jax.models import sequence_parallel
+
+    try:  # heads against a sequence-parallel mesh (ulysses), before anything compiles
+        sequence_parallel.check_mesh(cfg, shape, rules)
+    except ValueError as e:
+        raise ValueError(f"config.model / config.mesh.shape: {e}") from e
+    for n in buckets:  # data-derived buckets are rounded up to the sequence axis size instead
+        sharding.check_sequence_length(n, shape, rules, what=f"config.data.buckets length {n}")
     name = tasks.task_name(config, cfg)
     if name == "caption" and config.data.name not in pipeline.CAPTIONED_SOURCES:
         raise ValueError(f"config.task='caption' needs captioned data; config.data.name={config.data.name!r} has none "
@@ -407,7 +416,8 @@ def make_data_iterator(s: Setup, source):
 
     it, _ = buckets.make_bucketed_iterator(
         source, s.model_cfg, global_batch=s.config.global_batch, seed=s.config.seed, collate=s.task.collate,
-        buckets=tuple(s.config.data.get("buckets", ()) or ()), process_index=jax.process_index(),
+        buckets=tuple(s.config.data.get("buckets", ()) or ()),
+        length_multiple=sharding.sequence_shards(s.mesh.devices.shape, s.rules), process_index=jax.process_index(),
         process_count=jax.process_count(), worker_count=s.config.data.worker_count)
     return it
 

@@ -215,3 +215,26 @@ def test_fuzz_rejected_configs_name_their_key_before_any_compile(tmp_path, monke
     code, err = run_cli(["train", "--config", DEFAULT, "--workdir", str(wd), f"--config.{key}={value}"], capsys)
     assert_clear(code, err, f"config.{key}")
     assert not (wd / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("overrides, names", [
+    # 4 heads cannot be exchanged over 8 sequence shards by all-to-all (ring can: any head count)
+    (["--config.mesh.shape=(1,1,8,1)", "--config.model.sequence_parallel=ulysses"], ["config.model", "heads"]),
+    (["--config.mesh.shape=(1,1,4,1)", "--config.model.sequence_parallel=swap"], ["sequence_parallel='swap'"]),
+], ids=["ulysses-heads", "unknown-scheme"])
+def test_train_bad_sequence_parallel_config(tmp_path, capsys, monkeypatch, overrides, names):
+    monkeypatch.setattr(train, "make_train_step", lambda s: pytest.fail("compiled a rejected config"))
+    tiny = [a for a in TINY if not a.startswith("--config.mesh.")]
+    code, err = run_cli(["train", "--config", DEFAULT, "--workdir", str(tmp_path / "wd"), *tiny, *overrides], capsys)
+    assert_clear(code, err, *names)
+
+
+def test_buckets_must_divide_over_the_sequence_axis():
+    from conftest import load_config
+
+    config = load_config(DEFAULT, **{"mesh.shape": (2, 1, 4, 1), "mesh.num_devices": -1})
+    config.data.buckets = (64, 66)
+    with pytest.raises(ValueError, match=r"config.data.buckets length 66 \(66\) must be divisible by the sequence"):
+        train.validate(config)
+    config.data.buckets = (64, 68)
+    train.validate(config)

@@ -227,3 +227,17 @@ def test_t2i_cli_trains_resumes_bitwise_after_sigkill_and_samples(tmp_path, arg)
     pngs = sorted(p.name for p in killed.glob("samples_20_*.png"))
     assert pngs == ["samples_20_1x32x32.png", "samples_20_1x32x48.png", "samples_20_1x48x32.png",
                     "samples_20_2x32x32.png"], out.stdout
+
+
+def test_data_buckets_round_up_to_the_sequence_axis(built, source):
+    """With no configured buckets, each data length is rounded up to the sequence axis size (the extra
+    tokens are [PAD]); configured buckets that do not divide are refused."""
+    _, s, _ = built
+    shapes = buckets.record_shapes(source)
+    _, plain = buckets.assign_buckets(shapes, s.model_cfg, None)
+    bucket_of, rounded = buckets.assign_buckets(shapes, s.model_cfg, None, length_multiple=7)
+    assert all(n % 7 == 0 for n in rounded) and len(rounded) <= len(plain)
+    lengths = np.array([tok.seq_len(tuple(x), *tok.layout_of(s.model_cfg)) for x in shapes.tolist()])
+    assert np.all(-(-lengths // 7) * 7 == np.asarray(rounded)[bucket_of])  # the smallest multiple that holds it
+    with pytest.raises(ValueError, match="multiples of 7"):
+        buckets.assign_buckets(shapes, s.model_cfg, (96, 128), length_multiple=7)

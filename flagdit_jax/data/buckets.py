@@ -76,17 +76,26 @@ def record_shapes(source) -> np.ndarray:
     return np.tile(np.asarray(frames_of(source[0]).shape[:3], np.int64), (len(source), 1))
 
 
-def assign_buckets(shapes: np.ndarray, cfg, buckets: Sequence[int] | None) -> tuple[np.ndarray, tuple[int, ...]]:
+def assign_buckets(shapes: np.ndarray, cfg, buckets: Sequence[int] | None, length_multiple: int = 1
+                   ) -> tuple[np.ndarray, tuple[int, ...]]:
     """Bucket index of every record and the sorted bucket lengths.
 
-    `buckets` None or empty: one bucket per distinct token length in the data.
+    `buckets` None or empty: one bucket per distinct token length in the data, each rounded up to a
+    multiple of `length_multiple` (sequence parallelism splits a sequence evenly over its devices;
+    the extra tokens are [PAD]). Given buckets must already be multiples of it.
     """
+    if length_multiple < 1:
+        raise ValueError(f"length_multiple={length_multiple} must be >= 1")
+    if buckets and any(int(b) % length_multiple for b in buckets):
+        raise ValueError(f"bucket lengths {tuple(buckets)} must be multiples of {length_multiple} (the sequence "
+                         "axis size: sequence parallelism splits each sequence evenly)")
     for t, h, w in {tuple(s) for s in shapes.tolist()}:
         if h % cfg.patch_size or w % cfg.patch_size:
             raise ValueError(f"a record of latent size (T, H, W)=({t}, {h}, {w}) is not divisible by the model's "
                              f"patch_size={cfg.patch_size}")
     lengths = np.array([tok.seq_len(tuple(s), *tok.layout_of(cfg)) for s in shapes.tolist()])
-    bl = tuple(sorted({int(n) for n in lengths})) if not buckets else tuple(sorted({int(b) for b in buckets}))
+    m = length_multiple
+    bl = tuple(sorted({-(-int(n) // m) * m for n in lengths})) if not buckets else tuple(sorted({int(b) for b in buckets}))
     if min(bl) <= 0:
         raise ValueError(f"bucket lengths must be positive, got {bl}")
     idx = np.searchsorted(np.asarray(bl), lengths)  # smallest bucket >= length
@@ -158,7 +167,7 @@ class _ReadBatch(grain.transforms.MapWithIndex):
 
 
 def make_bucketed_iterator(source, cfg, *, global_batch: int, seed: int, collate: Callable[[list], dict],
-                           buckets: Sequence[int] | None = None, shuffle: bool = True,
+                           buckets: Sequence[int] | None = None, length_multiple: int = 1, shuffle: bool = True,
                            num_epochs: int | None = None, process_index: int = 0, process_count: int = 1,
                            worker_count: int = 0, read_threads: int = 4, prefetch_batches: int = 4):
     """Host-local packed training batches, one token-length bucket per global batch.
@@ -171,6 +180,7 @@ def make_bucketed_iterator(source, cfg, *, global_batch: int, seed: int, collate
         read_threads, prefetch_batches: as `pipeline.make_iterator`.
       collate: `collate(elements) -> dict` of `[local_batch, ...]` numpy condition arrays (the task's).
       buckets: token lengths (None / empty: one per distinct length in the data).
+      length_multiple: every bucket length is a multiple of it (`assign_buckets`).
 
     Returns:
       `(iterator, bucket_lengths)`; `next(iterator)` -> {'tokens' [b, L, p*p*C], 'kind' [b, L],
@@ -189,7 +199,7 @@ def make_bucketed_iterator(source, cfg, *, global_batch: int, seed: int, collate
         num_epochs = _check_int("num_epochs", num_epochs, 1)
     if len(source) == 0:
         raise ValueError(f"source {source!r} is empty; expected at least one example")
-    bucket_of, lengths = assign_buckets(record_shapes(source), cfg, buckets)
+    bucket_of, lengths = assign_buckets(record_shapes(source), cfg, buckets, length_multiple)
     read = _ReadBatch(source, cfg, bucket_of, lengths, global_batch, seed, shuffle, process_index, process_count,
                       collate)
     if read.num_batches == 0:
