@@ -659,6 +659,12 @@ def _loop(s: Setup, state, data_iter, mngr, stop, workdir, stack) -> TrainState:
     return state
 
 
+def _report(line: str) -> None:
+    """A start-up report line on stdout (process 0), beside the loop's `step N: ...` metric lines."""
+    if jax.process_index() == 0:
+        print(line, flush=True)
+
+
 class _AotSteps:
     """Runs `step_fn` ahead-of-time compiled: the first batch of each token-length bucket is
     lowered and compiled once (`aot.compile_with_report`; the first one's compile time, per-device
@@ -674,7 +680,7 @@ class _AotSteps:
         self.kind = s.mesh.devices.flat[0].device_kind
         self.dtype = str(getattr(s.model_cfg, "dtype", "float32"))
         self.window_flops = 0.0
-        log.info("%s", hardware.describe_peak(self.kind, self.dtype))
+        _report(hardware.describe_peak(self.kind, self.dtype))
 
     def __call__(self, state, batch):
         key = tuple((tuple(a.shape), str(a.dtype)) for a in jax.tree.leaves(batch))
@@ -690,7 +696,7 @@ class _AotSteps:
             what = f"train step, batch {tokens.shape[0]} x {tokens.shape[1]} tokens"
             for line in report.lines() + [f"model FLOPs (analytic, forward + backward): "
                                           f"{self.flops[key] / 1e9:.2f} GFLOP per step, all devices"]:
-                log.info("%s: %s", what, line)
+                _report(f"{what}: {line}")
         self.window_flops += self.flops[key]
         return self.compiled[key](state, batch)
 
