@@ -76,6 +76,7 @@ def test_fixed_step_orders(name, v_fn, expected):
             assert np.all(np.abs(orders - p) < 0.5), (method, orders)
 
 
+@pytest.mark.slow  # default-suite time budget (dopri5 also runs in test_dopri5_steps_like_torchdiffeq)
 def test_dopri5_meets_tolerance_and_counts_nfe():
     atol, rtol = 1e-6, 1e-3
     # One starting point per solve: the controller's error norm is an RMS over the whole state,

@@ -314,6 +314,7 @@ def test_models_refuse_options_they_do_not_have(name, bad):
         model.apply({"params": params}, packed, t, **kw, options={"ntk_factor": 2.0})
 
 
+@pytest.mark.slow  # default-suite time budget
 def test_flagdit_options_are_rope_and_proportional_attention(t2i):
     """Default options are the plain call; each Flag-DiT option reaches the network (their values
     are checked against the official model by the golden replay's forward_with_cfg calls)."""

@@ -97,7 +97,8 @@ def test_context_drop_is_time_aware(next_model):
         run(0.3, context_drop=5)
 
 
-@pytest.mark.parametrize("rope_axes", [pytest.param(2, marks=pytest.mark.slow), 3])
+@pytest.mark.slow  # default-suite time budget
+@pytest.mark.parametrize("rope_axes", [2, 3])
 def test_video_frames_with_2d_and_3d_rope(rope_axes):
     """Two identical frames: 2-D RoPE (row, col) cannot tell them apart, 3-D (frame, row, col) can."""
     cfg = registry.get_config("nextdit-tiny", dim=96, n_heads=4, n_kv_heads=None, rope_axes=rope_axes)

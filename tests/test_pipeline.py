@@ -159,6 +159,7 @@ def test_step_count_is_grid_points_as_official():
         pl.make_grid("lumina", 1, 1.0)
 
 
+@pytest.mark.slow  # default-suite time budget
 def test_class_conditional_defaults_are_the_official_imagenet_sampling():
     """FlagDiTPipeline(class_labels) with no sampler arguments = the official ImageNet sample.py:
     torchdiffeq dopri5 (atol 1e-6, rtol 1e-3) over linspace(0, 1, N), no time shift, CFG 4 on the

@@ -274,8 +274,8 @@ def test_training_lowers_the_loss_and_samples_approach_the_data(tmp_path):
     assert ours < 0.7 * baseline
 
 
-@pytest.mark.parametrize("overrides", [{"model.dtype": "bfloat16"}, pytest.param({"model.remat": "full"}, marks=pytest.mark.slow),
-                                       pytest.param({"model.remat": "dots"}, marks=pytest.mark.slow)],
+@pytest.mark.slow  # default-suite time budget
+@pytest.mark.parametrize("overrides", [{"model.dtype": "bfloat16"}, {"model.remat": "full"}, {"model.remat": "dots"}],
                          ids=["bf16-compute", "remat-full", "remat-dots"])
 def test_mixed_precision_and_remat(overrides, batches, single_device):
     """bf16 compute keeps fp32 master weights and optimizer state and tracks the fp32 loss;
