@@ -44,6 +44,7 @@ def test_batched_prompts_equal_single_prompts(next_pipe):
     assert not np.allclose(np.asarray(both[0]), np.asarray(both[1]))
 
 
+@pytest.mark.slow  # default-suite time budget
 def test_compiled_sampler_is_reused(next_pipe):
     next_pipe("a red cat", 32, 32, num_inference_steps=2, seed=0, output_type="latent")
     n = next_pipe._jitted._cache_size()

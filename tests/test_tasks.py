@@ -175,6 +175,7 @@ def test_padding_never_changes_a_real_tokens_loss(built, source):
         np.testing.assert_allclose(per_sample(batch, x0, t), ref, rtol=2e-5, err_msg=f"bucket {length}")
 
 
+@pytest.mark.slow  # default-suite time budget
 def test_mixed_shapes_train_with_one_compile_per_bucket(built, source):
     """A few steps on >= 3 shapes and 2 frame counts; the jitted step compiles once per bucket."""
     config, s, _ = built

@@ -10,7 +10,7 @@ from flagdit_jax import tokens as tok
 dims = st.integers(1, 4)
 
 
-@settings(max_examples=6, deadline=None)
+@settings(max_examples=4, deadline=None)
 @given(
     sizes=st.lists(st.tuples(st.integers(1, 3), dims, dims), min_size=1, max_size=3),
     p=st.sampled_from([1, 2, 3]),
