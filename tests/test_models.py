@@ -75,6 +75,7 @@ def test_proportional_scale():
     assert L.proportional_scale(4096 * 4, 4096, 64) == pytest.approx(np.sqrt(np.log(4 * 4096) / np.log(4096) / 64))
 
 
+@pytest.mark.slow  # default-suite time budget
 def test_gqa_attention_matches_repeated_heads():
     """Grouped kv heads == the reference's repeat-interleave of kv heads."""
     kq, kk, kv = jax.random.split(jax.random.key(0), 3)
@@ -140,6 +141,7 @@ def test_zero_init_identity_blocks_and_zero_output(name):
     assert float(jnp.abs(out2).max()) > 1e-3
 
 
+@pytest.mark.slow  # default-suite time budget
 def test_label_dropout_uses_null_class():
     cfg = registry.get_config("flagdit-tiny", class_dropout_prob=0.5)
     model = registry.build(cfg)

@@ -67,6 +67,7 @@ def test_sharded_train_step_matches_single_device(shape, batches, single_device)
     assert mu.sharding.spec == P("fsdp", "tensor")
 
 
+@pytest.mark.slow  # default-suite time budget
 def test_grad_accumulation_matches_full_batch(batches, single_device):
     """Noise, times and dropout are drawn per global batch, so 2 micro-batches == the full batch."""
     state, losses = run_steps(tiny_config(**{"mesh.shape": (1, 1, 1, 1), "mesh.num_devices": 1,
