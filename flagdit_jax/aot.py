@@ -18,11 +18,10 @@ import dataclasses
 import logging
 import math
 import time
-from typing import Any, Optional
+from typing import Any
 
 import flax.linen as nn
 import flax.traverse_util
-import jax
 
 log = logging.getLogger("flagdit_jax.aot")
 
