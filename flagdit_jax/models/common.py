@@ -31,9 +31,9 @@ import jax.numpy as jnp
 
 from flagdit_jax import tokens as tok
 from flagdit_jax.models import layers as L
+from flagdit_jax.models.sequence_parallel import METHODS as SEQUENCE_PARALLEL
 
 DTYPES = ("float32", "bfloat16", "float16")
-SEQUENCE_PARALLEL = ("ulysses", "ring")
 
 
 @dataclasses.dataclass(frozen=True)
