@@ -14,7 +14,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from flagdit_jax import checkpoint, tasks, tokens as tok, train
-from flagdit_jax.flow import paths, samplers
+from flagdit_jax.flow import losses, paths, samplers
 
 
 def load_params(config, workdir: str | pathlib.Path, *, use_ema: bool = True):
@@ -75,23 +75,28 @@ def make_generator(s: "train.Setup", n: int, shape: tuple[int, int, int] | None 
     pair = tok.pack_for(cfg, jnp.concatenate([zeros, zeros]))
     state_shape = layout.tokens.shape[:2] + (cfg.patch_size ** 2, cfg.in_channels)
 
+    # A noise / score model is sampled through its velocity, on SiT's sampling interval.
+    path, prediction = paths.get_path(s.config.flow.path), s.config.flow.get("prediction", "velocity")
+    t0, t1 = losses.sample_interval(path, prediction)
+
     @jax.jit
     def generate(params, cond, key):
         def model_fn(x, t, c):
             tokens = x.reshape(x.shape[:2] + (-1,))
-            return s.model.apply({"params": params}, pair.replace(tokens=tokens), t,
-                                 **task.model_kwargs(c)).reshape(x.shape)
+            out = s.model.apply({"params": params}, pair.replace(tokens=tokens), t,
+                                **task.model_kwargs(c)).reshape(x.shape)
+            return losses.to_velocity(out, x, t, path, prediction)
 
         v = samplers.guided_velocity_fn(model_fn, cond, task.null_cond(n), cfg_scale, channels=cfg_channels)
         k_init, k_sde = jax.random.split(key)
         x0 = jax.random.normal(k_init, state_shape)
         if method == "sde":
             sc = s.config.sample
-            x1 = samplers.sample_sde(v, x0, k_sde, num_steps=num_steps, path=paths.get_path(s.config.flow.path),
+            x1 = samplers.sample_sde(v, x0, k_sde, num_steps=num_steps, path=path, t0=t0,
                                      diffusion_form=sc.get("diffusion_form", "sigma"),
                                      diffusion_norm=sc.get("diffusion_norm", 1.0), last_step=sc.get("last_step", "Mean"))
         else:
-            x1 = samplers.sample_ode(v, x0, method=method, num_steps=num_steps, shift=shift)
+            x1 = samplers.sample_ode(v, x0, method=method, num_steps=num_steps, shift=shift, t0=t0, t1=t1)
         return tok.unpack(x1.reshape(layout.tokens.shape), layout)
 
     return generate

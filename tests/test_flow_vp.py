@@ -242,3 +242,41 @@ def test_sbdm_from_t0_zero_is_refused_only_where_singular():
     with pytest.raises(ValueError, match="gvp"):
         sample_sde(_v_vp_gaussian(GVPPath(), 1.0, 0.5), x_init, jax.random.key(1), num_steps=4,
                    path="gvp", diffusion_form="SBDM")
+
+
+def test_sample_interval_matches_official_check_interval_for_sampling():
+    # SiT create_transport: sample_eps = 1e-3; check_interval(eval=True) keeps t0 = 0 on VP and for
+    # velocity models, and moves both ends in by eps for noise / score models on linear / GVP.
+    assert losses.sample_interval(VPPath(), "velocity") == (0.0, 1.0 - 1e-3)
+    assert losses.sample_interval(VPPath(), "noise") == (0.0, 1.0 - 1e-3)
+    assert losses.sample_interval(LinearPath(), "velocity") == (0.0, 1.0)
+    for path in (LinearPath(), GVPPath()):
+        for pred in ("noise", "score"):
+            assert losses.sample_interval(path, pred) == (1e-3, 1.0 - 1e-3)
+    with pytest.raises(ValueError, match="sample_eps"):
+        losses.sample_interval(LinearPath(), "noise", sample_eps=0.7)
+
+
+@pytest.mark.parametrize("path", [LinearPath(), VPPath()], ids=["linear", "vp"])
+@pytest.mark.parametrize("prediction", ["velocity", "noise", "score"])
+def test_sampling_through_to_velocity_recovers_point_data(path, prediction):
+    # Data = the point c: the exact model of each parameterisation is analytic
+    # (eps = (x - alpha c) / sigma, score = -eps / sigma, v = d_alpha c + d_sigma eps);
+    # integrating its velocity over the sampling interval must land on ~c.
+    from flagdit_jax.flow.samplers import sample_ode
+
+    c = jnp.asarray([0.5, -1.0, 2.0])
+
+    def exact(x, t):
+        t = jnp.minimum(t, 1.0 - 1e-6)  # the exact velocity is 0/0 at t=1 for point data
+        eps = (x - path.alpha(t) * c) / path.sigma(t)
+        return {"velocity": path.d_alpha(t) * c + path.d_sigma(t) * eps, "noise": eps,
+                "score": -eps / path.sigma(t)}[prediction]
+
+    t0, t1 = losses.sample_interval(path, prediction)
+    v = lambda x, t: losses.to_velocity(exact(x, t), x, t, path, prediction)
+    x0 = jax.random.normal(jax.random.key(0), (4, 3))
+    x1 = sample_ode(v, x0, method="heun", num_steps=200, t0=t0, t1=t1)
+    # At t1 = 1 - 1e-3 the state still holds sigma(t1) of noise (VP: ~0.1, linear: 1e-3).
+    tol = float(path.sigma(jnp.asarray(t1))) * 4 + 1e-2  # fp32 round-off near t=1
+    np.testing.assert_allclose(np.asarray(x1), np.broadcast_to(np.asarray(c), (4, 3)), atol=tol)

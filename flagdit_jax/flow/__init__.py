@@ -3,7 +3,7 @@
 Convention everywhere: t=0 is noise x0 ~ N(0, I), t=1 is data x1 (REFERENCE.md §3).
 """
 
-from flagdit_jax.flow.losses import flow_matching_loss, sample_and_loss, train_interval
+from flagdit_jax.flow.losses import flow_matching_loss, sample_and_loss, sample_interval, to_velocity, train_interval
 from flagdit_jax.flow.paths import GVPPath, LinearPath, VPPath, get_path
 from flagdit_jax.flow.samplers import (
     cfg_combine,
@@ -41,5 +41,7 @@ __all__ = [
     "sample_uniform",
     "shift_time",
     "time_grid",
+    "sample_interval",
+    "to_velocity",
     "train_interval",
 ]

@@ -24,7 +24,8 @@ import jax.numpy as jnp
 from flagdit_jax.flow.paths import LinearPath, VPPath, expand_t_like, get_path
 from flagdit_jax.flow.timesteps import get_time_sampler
 
-__all__ = ["flow_matching_loss", "sample_and_loss", "train_interval", "PREDICTIONS", "LOSS_WEIGHTS"]
+__all__ = ["flow_matching_loss", "sample_and_loss", "sample_interval", "to_velocity", "train_interval", "PREDICTIONS",
+           "LOSS_WEIGHTS"]
 
 PREDICTIONS = ("velocity", "noise", "score")
 LOSS_WEIGHTS = (None, "velocity", "likelihood")
@@ -154,6 +155,40 @@ def train_interval(path=LinearPath(), prediction: str = "velocity",
     if not (isinstance(train_eps, numbers.Real) and 0.0 <= train_eps < 0.5):
         raise ValueError(f"train_eps must be a number in [0, 0.5), got {train_eps!r}")
     return (0.0 if is_vp else float(train_eps)), 1.0 - float(train_eps)
+
+
+def sample_interval(path=LinearPath(), prediction: str = "velocity",
+                    sample_eps: float | None = None) -> tuple[float, float]:
+    """[t0, t1] an ODE sampler integrates over (SiT `Transport.check_interval(..., eval=True)`,
+    `create_transport` default sample_eps = 1e-3):
+
+      * VP path, any prediction: [0, 1 - eps] (the velocity diverges at t=1);
+      * linear / GVP, noise or score prediction: [eps, 1 - eps] (the conversion to a velocity is
+        singular at t=0, and noise -> velocity divides by sigma -> 0 at t=1 for score);
+      * linear / GVP, velocity prediction: [0, 1].
+    """
+    path = get_path(path)
+    _check_prediction(prediction, None)
+    is_vp = isinstance(path, VPPath)
+    if sample_eps is None:
+        sample_eps = 1e-3 if (is_vp or prediction != "velocity") else 0.0
+    if not (isinstance(sample_eps, numbers.Real) and 0.0 <= sample_eps < 0.5):
+        raise ValueError(f"sample_eps must be a number in [0, 0.5), got {sample_eps!r}")
+    return (0.0 if is_vp else float(sample_eps)), 1.0 - float(sample_eps)
+
+
+def to_velocity(prediction_value, x, t, path=LinearPath(), prediction: str = "velocity"):
+    """The velocity a model's output stands for: identity for 'velocity', else the path's
+    `velocity_from_noise` / `velocity_from_score` (SiT `ode` drift for noise / score models).
+    Shapes like x; t a scalar or `[B]`. The conversion is affine in the prediction, so guidance
+    applied before or after it gives the same velocity."""
+    path = get_path(path)
+    _check_prediction(prediction, None)
+    if prediction == "velocity":
+        return prediction_value
+    if prediction == "noise":
+        return path.velocity_from_noise(prediction_value, x, t)
+    return path.velocity_from_score(prediction_value, x, t)
 
 
 def sample_and_loss(
