@@ -60,9 +60,14 @@ def cache_prefix(config, split: str) -> str:
 
 def encode_cache(config, *, overwrite: bool = False) -> dict[str, list[str]]:
     """Encode every split of `config.encode` (raw source + options) into the cache; returns the shard
-    files per split. Each process writes its share of the shards (multi-host: one call per host)."""
+    files per split. Each process writes its share of the shards (multi-host: one call per host).
+
+    `config.encode.source='imagenet'` (class-conditional ImageNet, `data.name='latents'`) goes to
+    `encode_imagenet`; the image-text sources to `data.encoded.encode_dataset`."""
     from flagdit_jax.data import encoded, pipeline
 
+    if config.get("encode") and config.encode.get("source") == "imagenet":
+        return encode_imagenet(config, overwrite=overwrite)
     if config.data.name != "encoded":
         raise ValueError(f"flagdit encode writes the cache an 'encoded' config trains on; config.data.name="
                          f"{config.data.name!r}")
@@ -83,4 +88,56 @@ def encode_cache(config, *, overwrite: bool = False) -> dict[str, list[str]]:
             raw, vae, text, prefix, num_shards=shards, batch_size=int(ec.batch_size),
             sample_posterior=bool(ec.get("sample_posterior", False)), seed=int(config.seed),
             shard_range=(lo, hi), overwrite=overwrite)
+    return written
+
+
+IMAGENET_ENCODE_KEYS = ("source", "splits", "image_size", "num_shards", "batch_size", "dtype", "read_threads",
+                        "options")
+
+
+def encode_imagenet(config, *, overwrite: bool = False) -> dict[str, list[str]]:
+    """`flagdit encode` for ImageNet: every split in `config.encode.splits` -> ADM centre crops
+    (`ImageNetSource`, `config.encode.image_size`) -> the posterior of each crop and of its mirror
+    under `config.vae.path` (sd-vae-ft-ema) -> `FDL2` shards at `cache_prefix(config, split)`, which
+    `data.name='latents'` reads (`data.latents.encode_latents`). This process writes its own shard
+    range; finished shards are skipped (a rerun resumes), `overwrite` re-encodes them.
+
+    `config.encode`: source='imagenet', splits ('train' / 'eval'), image_size, num_shards,
+    batch_size (crops per VAE call), dtype ('float16' / 'float32'), read_threads, options
+    (`ImageNetSource` kwargs: data_dir, builder).
+    """
+    from flagdit_jax.data import imagenet, latents
+
+    ec = config.encode
+    unknown = sorted(set(ec.keys()) - set(IMAGENET_ENCODE_KEYS))
+    if unknown:
+        raise ValueError(f"config.encode has {unknown}; the imagenet encode takes {IMAGENET_ENCODE_KEYS}")
+    if config.data.name != "latents":
+        raise ValueError(f"config.encode.source='imagenet' writes the shards a 'latents' config trains on; "
+                         f"config.data.name={config.data.name!r}")
+    bad = [s for s in ec.splits if s not in imagenet.SPLITS]
+    if bad or not len(ec.splits):
+        raise ValueError(f"config.encode.splits={tuple(ec.splits)}; expected a non-empty subset of {tuple(imagenet.SPLITS)}")
+    if not config.get("vae") or not config.vae.get("path"):
+        raise ValueError("config.vae.path is empty: point it at a diffusers AutoencoderKL folder (sd-vae-ft-ema for "
+                         "the paper's ImageNet runs)")
+    opts = dict(ec.get("options", {}))
+    extra = sorted(set(opts) - {"data_dir", "builder"})
+    if extra:
+        raise ValueError(f"config.encode.options has {extra}; expected data_dir and/or builder")
+    prefixes = {split: cache_prefix(config, split) for split in ec.splits}  # bad paths fail before loading
+    vae = load_vae(config)
+    scale = float(dict(config.data.get("options", {})).get("scale", vae.scaling_factor))
+    if abs(scale - vae.scaling_factor) > 1e-6 * vae.scaling_factor:
+        raise ValueError(f"config.data.options.scale={scale} but {config.vae.path} has scaling_factor "
+                         f"{vae.scaling_factor}; training would scale the latents wrongly")
+    written = {}
+    for split, prefix in prefixes.items():
+        src = imagenet.ImageNetSource(split, image_size=int(ec.image_size), random_flip=False,
+                                      data_dir=opts.get("data_dir") or None,
+                                      builder=opts.get("builder") or imagenet.DEFAULT_BUILDER)
+        written[split] = latents.encode_latents(
+            src, vae, prefix, num_shards=int(ec.num_shards), batch_size=int(ec.batch_size),
+            dtype=str(ec.get("dtype", "float16")), vae_name=str(config.vae.path),
+            read_threads=int(ec.get("read_threads", 8)), overwrite=overwrite)
     return written

@@ -2,8 +2,12 @@
 
 The reference recipe: 32x32x4 latents (sd-vae-ft-ema, x0.18215), patch 2, logit-normal t, AdamW lr 5e-4
 constant (betas 0.9/0.999, no weight decay), global batch 256, clip 2.0, EMA 0.9999, label dropout 0.1,
-bf16 compute with fp32 master weights. Latents are pre-encoded ArrayRecord shards
-(`flagdit_jax.data.latents.write_latents`, files `{data_dir}/train-NNNNN-of-NNNNN.array_record`).
+bf16 compute with fp32 master weights. Latents are pre-encoded ArrayRecord shards, files
+`{data_dir}/train-NNNNN-of-NNNNN.array_record`, written once by `flagdit encode` (posterior moments of
+the crop and its mirror: flip and posterior sample are drawn at read time) or by `data.latents.write_latents`.
+
+    flagdit encode --config configs/imagenet/flagdit.py:600m --config.vae.path=/models/sd-vae-ft-ema \
+        --config.encode.options.data_dir=/data/tfds --config.data.options.data_dir=/data/imagenet_latents
 
     flagdit train --config configs/imagenet/flagdit.py:600m --workdir runs/fdit600m \
         --config.data.options.data_dir=/data/imagenet_latents
@@ -36,6 +40,14 @@ def get_config(arg: str = "600m"):
     c.data = ml_collections.ConfigDict(dict(
         name="latents", image_size=32, channels=4, worker_count=4,
         options=ml_collections.ConfigDict(dict(data_dir="", scale=0.18215))))
+    # `flagdit encode` (flagdit_jax/encoders.py: encode_imagenet): tfds ImageNet (prepared with
+    # --file_format=array_record) -> ADM centre crop 256 -> sd-vae-ft-ema posterior of the crop and of
+    # its mirror -> {data.options.data_dir}/{split}-NNNNN-of-NNNNN.array_record; training draws the
+    # flip and the posterior sample per (seed, epoch, record), as the reference does on the fly.
+    c.vae = ml_collections.ConfigDict(dict(path=""))  # diffusers folder of stabilityai/sd-vae-ft-ema
+    c.encode = ml_collections.ConfigDict(dict(
+        source="imagenet", splits=("train",), image_size=256, num_shards=1024, batch_size=128, dtype="float16",
+        read_threads=16, options=ml_collections.ConfigDict(dict(data_dir="", builder="imagenet2012"))))
 
     c.flow = ml_collections.ConfigDict(dict(path="linear", time_sampler="lognorm", prediction="velocity"))
     c.optim = ml_collections.ConfigDict(dict(lr=5e-4, b1=0.9, b2=0.999, weight_decay=0.0, grad_clip=2.0,

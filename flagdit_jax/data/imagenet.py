@@ -73,13 +73,18 @@ class ImageNetSource:
     def __len__(self) -> int:
         return len(self._src)
 
-    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+    def crop(self, index: int) -> tuple[np.ndarray, int]:
+        """Record `index` -> (its ADM centre crop, uint8 `[image_size, image_size, 3]`, its label)."""
         record = self._src[int(index)]
-        img = Image.fromarray(np.asarray(record["image"]))
+        img = np.asarray(record["image"])
+        img = Image.fromarray(img[..., 0] if img.ndim == 3 and img.shape[-1] == 1 else img)
         if img.mode != "RGB":  # a few ImageNet JPEGs are CMYK / greyscale
             img = img.convert("RGB")
-        return {"image": to_float(center_crop_arr(img, self.image_size)),
-                "label": np.int32(record["label"])}
+        return center_crop_arr(img, self.image_size), int(record["label"])
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        arr, label = self.crop(index)
+        return {"image": to_float(arr), "label": np.int32(label)}
 
     def augment(self, element: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
         """Random horizontal flip (p = 1/2) drawn from `rng`; returns a new dict, input untouched."""
@@ -90,3 +95,32 @@ class ImageNetSource:
     def __repr__(self) -> str:
         return (f"ImageNetSource(builder={self.builder!r}, split={self.split!r}, image_size={self.image_size}, "
                 f"random_flip={self.random_flip}, n={len(self)})")
+
+
+def reference_images(split: str = "train", num: int = 10_000, *, image_size: int = 256, seed: int = 0,
+                     data_dir: str | None = None, builder: str = DEFAULT_BUILDER, read_threads: int = 8,
+                     return_indices: bool = False):
+    """`num` ADM centre crops of a random subset of `split` -> uint8 `[num, image_size, image_size, 3]`.
+
+    ADM's ImageNet 256 reference batch (`VIRTUAL_imagenet256_labeled.npz`, guided-diffusion
+    `evaluations/README.md`) holds statistics of the whole training set plus 10,000 of its images
+    (used for precision / recall), centre-cropped as `center_crop_arr`; this draws such a subset:
+    the records `np.random.default_rng(seed).choice(N, num, replace=False)`, in ascending record
+    order (reads stay local), cropped exactly as training sees them (never flipped). With
+    `return_indices`, returns `(images, indices [num] int64)`.
+    """
+    if isinstance(num, bool) or not isinstance(num, (int, np.integer)) or num < 1:
+        raise ValueError(f"num={num!r}; expected an int >= 1")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed={seed!r}; expected an int >= 0")
+    src = ImageNetSource(split, image_size=image_size, random_flip=False, data_dir=data_dir, builder=builder)
+    if num > len(src):
+        raise ValueError(f"num={num} images from {src!r}, which has {len(src)}")
+    indices = np.sort(np.random.default_rng(seed).choice(len(src), int(num), replace=False)).astype(np.int64)
+    out = np.empty((int(num), src.image_size, src.image_size, 3), np.uint8)
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max(1, int(read_threads))) as pool:  # JPEG decode + resize release the GIL
+        for k, (arr, _) in enumerate(pool.map(src.crop, indices.tolist())):
+            out[k] = arr
+    return (out, indices) if return_indices else out
