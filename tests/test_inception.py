@@ -50,25 +50,32 @@ def _close(actual, desired, rtol=1e-5, what=""):
 # ------------------------------------------------------------------------------------ default tests
 
 
-@pytest.mark.parametrize("hw", [(256, 256), (64, 64), (512, 384), (299, 299), (17, 300)])
+@pytest.mark.parametrize("hw", [(256, 256), (64, 64), (512, 384), (17, 300)])
 def test_tf1_resize_matches_torch_fidelity(hw):
     tfi = _torch_fidelity_module("interpolate_compat_tensorflow")
-    imgs = _images(2, *hw, seed=hw[0])
+    imgs = _images(1, *hw, seed=hw[0])
     ref = tfi.interpolate_bilinear_2d_like_tensorflow1x(_nchw(imgs).float(), size=(299, 299), align_corners=False)
     ref = ((ref - 128) / 128).permute(0, 2, 3, 1).numpy()  # torch-fidelity's normalisation
     ours = np.asarray(inception.preprocess(imgs, resize="tf1"))
-    assert ours.shape == (2, 299, 299, 3) and ours.dtype == np.float32
+    assert ours.shape == (1, 299, 299, 3) and ours.dtype == np.float32
     _close(ours, ref, 1e-6, f"tf1 resize from {hw}")
 
 
-@pytest.mark.parametrize("hw", [(256, 256), (64, 64), (512, 384), (299, 299), (17, 300)])
+@pytest.mark.parametrize("hw", [(256, 256), (64, 64), (512, 384), (17, 300)])
 def test_pytorch_resize_matches_pytorch_fid(hw):
     # pytorch-fid's InceptionV3.forward on ToTensor() input (x / 255): resize_input then normalize_input.
-    imgs = _images(2, *hw, seed=hw[1])
+    imgs = _images(1, *hw, seed=hw[1])
     x = _nchw(imgs).float() / 255.0
     ref = 2 * F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False) - 1
     ours = np.asarray(inception.preprocess(imgs, resize="pytorch"))
     _close(ours, ref.permute(0, 2, 3, 1).numpy(), 1e-6, f"pytorch resize from {hw}")
+
+
+def test_no_resampling_at_299():
+    imgs = _images(1, 299, 299)
+    x = imgs.astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(inception.preprocess(imgs, resize="tf1")), (x - 128) / 128)
+    _close(inception.preprocess(imgs, resize="pytorch"), 2 * (x / 255) - 1, 1e-6, "pytorch at 299")
 
 
 def test_float_input_equals_uint8():
@@ -90,6 +97,12 @@ def test_bad_input():
         inception.preprocess(imgs.astype(np.int32))
     with pytest.raises(ValueError, match="not found"):
         inception.load_params("/nonexistent/pt_inception.pth")
+    with pytest.raises(ValueError, match="resize must be one of"):
+        inception.InceptionFeatures.from_params({}, resize="area")
+    with pytest.raises(ValueError, match="batch_size must be a positive int"):
+        inception.InceptionFeatures.from_params({}, batch_size=0)
+    with pytest.raises(ValueError, match="'params' and 'batch_stats'"):
+        inception.InceptionFeatures.from_params({"params": {}})
 
 
 def test_state_dict_errors_name_the_keys():
@@ -177,6 +190,8 @@ def test_network_matches_torch_fidelity(weights):
         assert out[k].shape == (3, dim) and out[k].dtype == np.float32, (k, out[k].shape)
         assert 0.05 < np.abs(ref[k]).mean() < 50, f"{k}: random weights give degenerate activations"
         _close(out[k], ref[k], 2e-5, k)  # measured ~1e-6 of max|ref| here
+    with pytest.raises(ValueError, match=r"in \[0, 255\]"):
+        feats(images.astype(np.float32) * 2.0)
     # 9 images = two batches of 8, the second padded with 7: rows come back in order, padding dropped
     order = np.array([2, 0, 1, 1, 2, 0, 0, 1, 2])
     again = feats(images[order])

@@ -266,6 +266,11 @@ def preprocess(images, *, resize: str = "tf1"):
     Jittable; the resize is a fixed gather + lerp per axis (identity at 299x299)."""
     _check_resize(resize)
     _check_images(images)
+    return _preprocess(images, resize)
+
+
+@functools.partial(jax.jit, static_argnums=1)  # one compile per input shape when called eagerly
+def _preprocess(images, resize: str):
     x = jnp.asarray(images).astype(jnp.float32)
     if resize == "pytorch":
         x = x / 255.0
@@ -458,13 +463,22 @@ class InceptionFeatures:
                                  f"[{np.nanmin(images)}, {np.nanmax(images)}]")
         n, bs = images.shape[0], self.batch_size
         chunks: dict[str, list[np.ndarray]] = {k: [] for k in FEATURE_DIMS}
+
+        def collect(out, real):
+            for k in FEATURE_DIMS:
+                chunks[k].append(np.asarray(out[k], np.float32)[:real])
+
+        pending = None
         for start in range(0, n, bs):
             batch = images[start:start + bs]
             real = batch.shape[0]
             if real < bs:  # pad to the compiled batch shape
                 batch = np.concatenate([batch, np.zeros((bs - real, *batch.shape[1:]), batch.dtype)])
             out = self._forward(self.variables, jax.device_put(batch, self._data_sharding))
-            for k in FEATURE_DIMS:
-                chunks[k].append(np.asarray(out[k], np.float32)[:real])
+            if pending is not None:  # fetch the previous batch while this one runs (one in flight)
+                collect(*pending)
+            pending = (out, real)
+        if pending is not None:
+            collect(*pending)
         return {k: (np.concatenate(v) if v else np.zeros((0, FEATURE_DIMS[k]), np.float32))
                 for k, v in chunks.items()}
