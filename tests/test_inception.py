@@ -4,7 +4,6 @@ outputs, its TF1 resize) and pytorch-fid (`F.interpolate` resize + 2x - 1; its n
 torchvision imports). Default: preprocessing parity and bad input; slow: the full network."""
 
 import importlib
-import pathlib
 import sys
 import types
 
