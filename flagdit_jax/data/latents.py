@@ -178,6 +178,8 @@ class _Posterior:
     """Batched `vae.posterior` of images and their mirror images, sharded over this process's devices."""
 
     def __init__(self, vae, batch_size: int):
+        import copy
+
         import jax
 
         self.vae, self.batch_size = vae, batch_size
@@ -187,6 +189,9 @@ class _Posterior:
         if len(devices) > 1 and (2 * batch_size) % len(devices) == 0:
             mesh = jax.sharding.Mesh(np.asarray(devices), ("batch",))
             self.sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch"))
+            if hasattr(vae, "params"):  # replicate the weights once, not at every call
+                self.vae = copy.copy(vae)
+                self.vae.params = jax.device_put(vae.params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
 
     def __call__(self, images: np.ndarray):
         """`images [b <= batch_size, H, W, C]` -> device arrays (mean, logvar) `[2 * batch_size, h, w, c]`:
