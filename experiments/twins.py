@@ -1,0 +1,467 @@
+"""Small-scale twins of the papers' tables, on the embedded MNIST data and 2 CPU cores.
+
+Each twin is a sweep of short `flagdit train` runs of the embedded default (configs/default.py) that
+differ in one thing, scored the way the default is scored: FID on the project's MNIST feature
+network against the 500 held-out digits (N = 500 samples, same sampler, same noise for every run
+and checkpoint), plus class-conditional accuracy. The twins and the paper claim each one tests:
+
+  a  model size vs convergence: FID vs step for three Flag-DiT sizes ("bigger converges faster")
+  b  Flag-DiT vs DiT vs SiT at equal steps and data (paper's ImageNet table / curves)
+  c  1-D RoPE + [nextline] (and 2-D RoPE) vs absolute position embedding at unseen resolutions
+  d  logit-normal vs uniform time sampling
+  e  ODE vs SDE samplers and step counts: FID vs NFE
+  f  Next-DiT vs Flag-DiT at equal steps (Lumina-Next's convergence claim)
+
+    python experiments/twins.py sweep --twins a,b,c,d,e,f --root runs/twins   # all, in sequence
+    python experiments/twins.py commands --twins b --root runs/twins          # one line per run
+    python experiments/twins.py run flag-lognorm-s0 --root runs/twins         # one run (a cluster task)
+    python experiments/twins.py report --twins b --root runs/twins            # table + plot
+
+`commands` prints one `run` command per line (a SLURM array: `sed -n "${SLURM_ARRAY_TASK_ID}p"`;
+a TPU pod: one line per host), then the `report` command that needs them all. Runs are shared
+between twins (the Flag-DiT baseline appears in a, b, c, d, e and f) and skipped when finished.
+Reports go to experiments/results/twin_{x}.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import pathlib
+import sys
+import time
+
+import numpy as np
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+RESULTS = REPO / "experiments" / "results"
+
+STEPS = 1000        # training steps of every run (the default trains 3,200); FID at 4 evenly spaced steps
+N_EVAL = 500        # samples per FID (the held-out set has 500 digits)
+
+# Backbones at the default's size unless named otherwise (dim, layers, heads).
+_FLAG = dict(preset="flagdit-tiny", dim=128, n_layers=4, n_heads=4, n_kv_heads=None, patch_size=4, multiple_of=128)
+MODELS = {
+    "flag": dict(_FLAG),                                            # 1-D RoPE, no [nextline] (ImageNet Flag-DiT)
+    "flag_s": dict(_FLAG, dim=64, n_layers=2, n_heads=4, multiple_of=64),
+    "flag_l": dict(_FLAG, dim=192, n_layers=6, n_heads=6),
+    "flag_nl": dict(_FLAG, nextline=True),                          # 1-D RoPE + [nextline] (Lumina-T2X)
+    "next": dict(_FLAG, preset="nextdit-tiny"),                     # 2-D RoPE, sandwich norms (Lumina-Next)
+    "dit": dict(preset="dit-tiny", dim=128, n_layers=4, n_heads=4, patch_size=4, input_size=8),  # APE
+}
+# Training objectives (REFERENCE.md §3). 'vp_noise' is DiT's DDPM recipe in this framework: the VP
+# (DDPM-limit) path with noise prediction and uniform t, sampled through its probability-flow ODE.
+OBJECTIVES = {
+    "lognorm": dict(path="linear", time_sampler="lognorm", prediction="velocity"),  # Flag-DiT / Next-DiT
+    "uniform": dict(path="linear", time_sampler="uniform", prediction="velocity"),  # SiT
+    "vp_noise": dict(path="vp", time_sampler="uniform", prediction="noise"),        # DiT
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    model: str
+    objective: str
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.model}-{self.objective}-s{self.seed}"
+
+    @classmethod
+    def parse(cls, name: str) -> "Run":
+        try:
+            model, objective, seed = name.split("-")
+            run = cls(model, objective, int(seed.removeprefix("s")))
+        except ValueError:
+            raise ValueError(f"run name {name!r}; expected MODEL-OBJECTIVE-sSEED, e.g. flag-lognorm-s0") from None
+        if model not in MODELS or objective not in OBJECTIVES:
+            raise ValueError(f"run {name!r}: model must be one of {sorted(MODELS)}, objective one of {sorted(OBJECTIVES)}")
+        return run
+
+
+def _runs(spec: str) -> list[Run]:
+    return [Run.parse(n) for n in spec.split()]
+
+
+# The arms of each twin: label -> runs (seeds averaged).
+TWINS = {
+    "a": {"title": "Model size vs convergence (Flag-DiT, logit-normal t)",
+          "claim": "a bigger Flag-DiT reaches a lower FID at every step (Lumina-T2X scaling curves)",
+          "arms": {"Flag-DiT S (dim 64, 2 layers)": _runs("flag_s-lognorm-s0"),
+                   "Flag-DiT M (dim 128, 4 layers)": _runs("flag-lognorm-s0"),
+                   "Flag-DiT L (dim 192, 6 layers)": _runs("flag_l-lognorm-s0")}},
+    "b": {"title": "Flag-DiT vs DiT vs SiT, equal steps and data",
+          "claim": "Flag-DiT beats the DiT and SiT baselines at equal training steps (Lumina-T2X ImageNet table)",
+          "arms": {"DiT (APE, adaLN-Zero; VP noise-prediction)": _runs("dit-vp_noise-s0 dit-vp_noise-s1"),
+                   "SiT (DiT backbone; linear flow, uniform t)": _runs("dit-uniform-s0 dit-uniform-s1"),
+                   "Flag-DiT, uniform t (backbone only)": _runs("flag-uniform-s0 flag-uniform-s1"),
+                   "Flag-DiT (logit-normal t)": _runs("flag-lognorm-s0 flag-lognorm-s1")}},
+    "c": {"title": "Position embedding at unseen resolutions (trained at 32x32)",
+          "claim": "RoPE + [nextline] keeps working at unseen resolutions where APE fails",
+          "arms": {"APE (SiT backbone)": _runs("dit-uniform-s0"),
+                   "1-D RoPE, no [nextline]": _runs("flag-lognorm-s0"),
+                   "1-D RoPE + [nextline] (Flag-DiT)": _runs("flag_nl-lognorm-s0"),
+                   "2-D RoPE (Next-DiT)": _runs("next-lognorm-s0")}},
+    "d": {"title": "Logit-normal vs uniform time sampling (Flag-DiT)",
+          "claim": "logit-normal t sampling converges faster than uniform (Lumina-T2X / SD3)",
+          "arms": {"uniform t": _runs("flag-uniform-s0 flag-uniform-s1"),
+                   "logit-normal t": _runs("flag-lognorm-s0 flag-lognorm-s1")}},
+    "e": {"title": "ODE vs SDE samplers: FID vs NFE (Flag-DiT M, final EMA)",
+          "claim": "higher-order ODE solvers reach a given FID at far fewer NFE than Euler or the SDE",
+          "arms": {"Flag-DiT M": _runs("flag-lognorm-s0")}},
+    "f": {"title": "Next-DiT vs Flag-DiT, equal steps",
+          "claim": "Next-DiT converges faster than Flag-DiT (Lumina-Next)",
+          "arms": {"Flag-DiT": _runs("flag-lognorm-s0 flag-lognorm-s1"),
+                   "Next-DiT": _runs("next-lognorm-s0 next-lognorm-s1")}},
+}
+SIDES = (32, 48, 64)  # twin c: the training size, then unseen sizes
+# Twin e: (label, method, steps list); NFE = steps x NFE per step (+1 for the SDE's last mean step).
+SAMPLER_SWEEP = (("Euler ODE", "euler", (4, 8, 16, 32, 64)), ("Heun ODE", "heun", (2, 4, 8, 16, 32)),
+                 ("RK4 ODE", "rk4", (1, 2, 4, 8, 16)), ("Euler-Maruyama SDE", "sde", (8, 16, 32, 64, 128)))
+_NFE_PER_STEP = {"euler": 1, "heun": 2, "midpoint": 2, "rk4": 4}
+
+
+# ------------------------------------------------------------------------------------------------
+# configs and runs
+# ------------------------------------------------------------------------------------------------
+
+def run_config(run: Run, steps: int = STEPS):
+    """configs/default.py with this run's backbone, objective and seed; a checkpoint every steps / 4."""
+    spec = importlib.util.spec_from_file_location("flagdit_default_config", REPO / "configs" / "default.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    c = mod.get_config()
+    base = {k: c.model[k] for k in ("in_channels", "num_classes", "class_dropout_prob", "dtype", "remat",
+                                    "attention", "scan_layers", "sequence_parallel")}
+    c.model = type(c.model)(dict(base, **MODELS[run.model]))
+    c.flow = type(c.flow)(OBJECTIVES[run.objective])
+    c.seed = run.seed
+    c.total_steps = steps
+    c.checkpoint.every_steps = max(1, steps // 4)
+    c.checkpoint.keep = 5
+    c.log_every_steps = max(1, steps // 4)
+    return c
+
+
+def run_dir(root, run: Run) -> pathlib.Path:
+    return pathlib.Path(root) / "runs" / run.name
+
+
+def classifier_of(root):
+    """The MNIST feature network, trained once per sweep root (cached in {root}/classifier)."""
+    from flagdit_jax.eval import classifier
+
+    return classifier.load_or_train(pathlib.Path(root) / "classifier")
+
+
+def restore_ema(s, workdir, step: int):
+    """EMA params of checkpoint `step` in `workdir`, for the run's `train.Setup` `s`."""
+    import orbax.checkpoint as ocp
+
+    from flagdit_jax import checkpoint
+
+    mngr = ocp.CheckpointManager(pathlib.Path(workdir).absolute() / "checkpoints",
+                                 options=ocp.CheckpointManagerOptions(read_only=True))
+    try:
+        return checkpoint.restore_params(mngr, step, "ema_params", s.abstract_state.ema_params, s.model_cfg)
+    finally:
+        mngr.close()
+
+
+def final_params(root, run: Run):
+    """(config, setup, EMA params) of `run`'s last checkpoint."""
+    from flagdit_jax import train
+
+    steps = _load(root, run)["steps"]
+    config = run_config(run, steps)
+    s, _ = train.setup(config)
+    return config, s, restore_ema(s, run_dir(root, run), steps)
+
+
+def score(root, images, labels) -> dict:
+    """FID / accuracy of `images` [N, 32, 32, 1] in [-1, 1] (the project's MNIST evaluator)."""
+    from flagdit_jax.eval import mnist_eval
+
+    r = mnist_eval.evaluate(pathlib.Path(root) / "classifier", images, labels, classifier=classifier_of(root))
+    return {"fid": r["fid"], "accuracy": r["accuracy"]}
+
+
+class Sampler:
+    """N class-conditional samples (labels 0..9 cycled) at `side` x `side`, resized to 32x32 when
+    larger; compiled once per (side, method, steps). The same seed everywhere: every run and
+    checkpoint is scored on the same initial noise."""
+
+    def __init__(self, config, s, *, side: int = 32, method=None, num_steps=None, n: int = N_EVAL):
+        from flagdit_jax import sample as smp
+
+        sc = config.sample
+        self.side, self.n, self.half = side, n, n // 2
+        self.gen = smp.make_generator(s, self.half, (1, side, side), method=method or sc.method,
+                                      num_steps=num_steps or sc.num_steps, cfg_scale=sc.cfg_scale, shift=sc.shift)
+
+    def __call__(self, params, seed: int = 1):
+        import jax
+        import jax.numpy as jnp
+
+        labels = np.arange(self.n) % 10
+        out = []
+        for i in range(0, self.n, self.half):
+            key = jax.random.fold_in(jax.random.key(seed), i)
+            out.append(np.asarray(self.gen(params, {"label": jnp.asarray(labels[i:i + self.half], jnp.int32)}, key))[:, 0])
+        x = np.clip(np.concatenate(out), -1.0, 1.0)
+        if self.side != 32:  # area-averaging resize back to the evaluator's size
+            x = np.asarray(jax.image.resize(x, (self.n, 32, 32, x.shape[-1]), "linear", antialias=True))
+        return x, labels
+
+
+def do_run(root, run: Run, *, steps: int = STEPS) -> dict:
+    """Train `run` (resuming if interrupted), then score every checkpoint; writes {workdir}/twin.json."""
+    from flagdit_jax import train
+
+    wd = run_dir(root, run)
+    out = wd / "twin.json"
+    if out.is_file():
+        return json.loads(out.read_text())
+    config = run_config(run, steps)
+    classifier_of(root)  # trains the feature net once, before the first run's clock starts
+    t0 = time.time()
+    train.train(config, wd)
+    t_train = time.time() - t0
+    curve = []
+    every = max(1, steps // 4)
+    s, _ = train.setup(config)
+    sampler = Sampler(config, s)
+    for step in range(every, steps + 1, every):
+        params = restore_ema(s, wd, step)
+        x, y = sampler(params)
+        curve.append(dict(step=step, **score(root, x, y)))
+        print(f"{run.name} step {step}: FID {curve[-1]['fid']:.2f} accuracy {curve[-1]['accuracy']:.3f}", flush=True)
+    import jax
+
+    n_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(params))
+    rec = dict(run=run.name, model=run.model, objective=run.objective, seed=run.seed, steps=steps,
+               params=n_params, preset=config.model.preset, curve=curve, train_seconds=round(t_train, 1),
+               eval_seconds=round(time.time() - t0 - t_train, 1), sampler=dict(config.sample))
+    out.write_text(json.dumps(rec, indent=1))
+    return rec
+
+
+def needed_runs(twins) -> list[Run]:
+    seen = {}
+    for t in twins:
+        for runs in TWINS[t]["arms"].values():
+            for r in runs:
+                seen.setdefault(r.name, r)
+    return list(seen.values())
+
+
+# ------------------------------------------------------------------------------------------------
+# reports
+# ------------------------------------------------------------------------------------------------
+
+def _load(root, run: Run) -> dict:
+    p = run_dir(root, run) / "twin.json"
+    if not p.is_file():
+        raise FileNotFoundError(f"run {run.name} has no result ({p}); run `python experiments/twins.py run "
+                                f"{run.name} --root {root}` first")
+    return json.loads(p.read_text())
+
+
+def _mean_sd(values):
+    v = np.asarray(values, np.float64)
+    return float(v.mean()), (float(v.std(ddof=1)) if len(v) > 1 else float("nan"))
+
+
+def _fmt(m, sd, digits=2):
+    return f"{m:.{digits}f}" if np.isnan(sd) else f"{m:.{digits}f} ± {sd:.{digits}f}"
+
+
+def curves_report(twin: str, root) -> dict:
+    """Twins a, b, d, f: FID (and accuracy) vs step per arm, mean ± sd over seeds."""
+    arms = {}
+    for label, runs in TWINS[twin]["arms"].items():
+        recs = [_load(root, r) for r in runs]
+        steps = [p["step"] for p in recs[0]["curve"]]
+        fid = np.array([[p["fid"] for p in r["curve"]] for r in recs])
+        acc = np.array([[p["accuracy"] for p in r["curve"]] for r in recs])
+        arms[label] = dict(runs=[r["run"] for r in recs], params=recs[0]["params"], steps=steps,
+                           fid=fid.tolist(), accuracy=acc.tolist(),
+                           train_seconds=[r["train_seconds"] for r in recs])
+    return arms
+
+
+def extrapolation_report(root) -> dict:
+    """Twin c: each arm's final EMA params sampled at SIDES, scored after resizing to 32x32."""
+    arms = {}
+    for label, runs in TWINS["c"]["arms"].items():
+        (run,) = runs
+        config, s, params = final_params(root, run)
+        res = {}
+        for side in SIDES:
+            x, y = Sampler(config, s, side=side)(params)
+            res[str(side)] = score(root, x, y)
+            print(f"c: {label} at {side}x{side}: FID {res[str(side)]['fid']:.2f} "
+                  f"accuracy {res[str(side)]['accuracy']:.3f}", flush=True)
+        arms[label] = dict(run=run.name, sides=res)
+    return arms
+
+
+def samplers_report(root) -> dict:
+    """Twin e: one model's final EMA params under each sampler and step count."""
+    (run,) = TWINS["e"]["arms"]["Flag-DiT M"]
+    config, s, params = final_params(root, run)
+    arms = {}
+    for label, method, step_list in SAMPLER_SWEEP:
+        pts = []
+        for n in step_list:
+            x, y = Sampler(config, s, method=method, num_steps=n)(params)
+            nfe = n + 1 if method == "sde" else n * _NFE_PER_STEP[method]
+            pts.append(dict(steps=n, nfe=nfe, **score(root, x, y)))
+            print(f"e: {label} {n} steps ({nfe} NFE): FID {pts[-1]['fid']:.2f}", flush=True)
+        arms[label] = pts
+    return dict(run=run.name, arms=arms)
+
+
+def real_floor(root) -> dict:
+    from flagdit_jax.eval import mnist_eval
+
+    b = mnist_eval.baselines(pathlib.Path(root) / "classifier", N_EVAL, 0, classifier=classifier_of(root))
+    return {"fid": b["real_floor"]["fid"], "accuracy": b["real_floor"]["accuracy"]}
+
+
+def table(twin: str, data: dict) -> str:
+    """The twin's result as a markdown table in the paper's layout."""
+    lines = [f"### Twin {twin}: {TWINS[twin]['title']}", "", f"Claim tested: {TWINS[twin]['claim']}.", ""]
+    if twin in "abdf":
+        steps = next(iter(data["arms"].values()))["steps"]
+        lines += ["| model | params | seeds | " + " | ".join(f"FID @{s}" for s in steps) + " | accuracy @" +
+                  f"{steps[-1]} |", "|" + "---|" * (len(steps) + 4)]
+        for label, a in data["arms"].items():
+            fid = np.asarray(a["fid"])
+            cells = [_fmt(*_mean_sd(fid[:, i])) for i in range(len(steps))]
+            lines.append(f"| {label} | {a['params'] / 1e6:.2f}M | {len(a['runs'])} | " + " | ".join(cells)
+                         + f" | {_fmt(*_mean_sd(np.asarray(a['accuracy'])[:, -1]), digits=3)} |")
+    elif twin == "c":
+        lines += ["| position embedding | " + " | ".join(f"FID {s}x{s}" for s in SIDES) + " | " +
+                  " | ".join(f"acc. {s}x{s}" for s in SIDES) + " |", "|" + "---|" * (2 * len(SIDES) + 1)]
+        for label, a in data["arms"].items():
+            r = a["sides"]
+            lines.append(f"| {label} | " + " | ".join(f"{r[str(s)]['fid']:.2f}" for s in SIDES) + " | "
+                         + " | ".join(f"{r[str(s)]['accuracy']:.3f}" for s in SIDES) + " |")
+    else:
+        lines += ["| sampler | " + " | ".join("steps (NFE): FID" for _ in range(5)) + " |", "|" + "---|" * 6]
+        for label, pts in data["arms"]["arms"].items():
+            lines.append(f"| {label} | " + " | ".join(f"{p['steps']} ({p['nfe']}): {p['fid']:.2f}" for p in pts) + " |")
+    fl = data["real_floor"]
+    lines += ["", f"FID on the project's MNIST features, N = {N_EVAL} vs the 500 held-out digits (real-data floor at "
+              f"this N: FID {fl['fid']:.2f}, accuracy {fl['accuracy']:.3f}); mean ± sd over seeds; "
+              f"{data['steps']} steps, batch 32, sampler {data['sampler']}."]
+    return "\n".join(lines)
+
+
+def plot(twin: str, data: dict, path: pathlib.Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if twin in "abdf":
+        for label, a in data["arms"].items():
+            fid = np.asarray(a["fid"])
+            m = fid.mean(0)
+            ax.plot(a["steps"], m, marker="o", label=label)
+            if fid.shape[0] > 1:
+                ax.fill_between(a["steps"], fid.min(0), fid.max(0), alpha=0.2)
+        ax.set_xlabel("training step")
+        ax.set_ylabel("FID (MNIST features)")
+    elif twin == "c":
+        for label, a in data["arms"].items():
+            ax.plot(SIDES, [a["sides"][str(s)]["fid"] for s in SIDES], marker="o", label=label)
+        ax.axvline(32, color="grey", ls=":", lw=1)
+        ax.set_xlabel("sampled side (trained at 32)")
+        ax.set_ylabel("FID after resizing to 32x32")
+    else:
+        for label, pts in data["arms"]["arms"].items():
+            ax.plot([p["nfe"] for p in pts], [p["fid"] for p in pts], marker="o", label=label)
+        ax.set_xscale("log")
+        ax.set_xlabel("NFE (model evaluations per sample, x2 with CFG)")
+        ax.set_ylabel("FID (MNIST features)")
+    ax.axhline(data["real_floor"]["fid"], color="k", ls="--", lw=1, label="real-data floor")
+    ax.set_yscale("log")
+    ax.set_title(f"Twin {twin}: {TWINS[twin]['title']}", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def report(twin: str, root, out_dir=RESULTS, command: str = "") -> dict:
+    t0 = time.time()
+    if twin in "abdf":
+        data = {"arms": curves_report(twin, root)}
+    elif twin == "c":
+        data = {"arms": extrapolation_report(root)}
+    else:
+        data = {"arms": samplers_report(root)}
+    runs = [r for rs in TWINS[twin]["arms"].values() for r in rs]
+    recs = [_load(root, r) for r in runs]
+    data.update(twin=twin, title=TWINS[twin]["title"], claim=TWINS[twin]["claim"], real_floor=real_floor(root),
+                steps=recs[0]["steps"], n_eval=N_EVAL, sampler=f"{recs[0]['sampler']['method']} x{recs[0]['sampler']['num_steps']}, "
+                f"cfg {recs[0]['sampler']['cfg_scale']}",
+                wall_seconds={"runs (train + per-checkpoint eval)": {r["run"]: r["train_seconds"] + r["eval_seconds"]
+                                                                     for r in recs},
+                              "report": round(time.time() - t0, 1)},
+                command=command)
+    out_dir = pathlib.Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"twin_{twin}.json").write_text(json.dumps(data, indent=1))
+    md = table(twin, data)
+    total = sum(data["wall_seconds"]["runs (train + per-checkpoint eval)"].values()) + data["wall_seconds"]["report"]
+    md += (f"\n\nCommand: `{command}`; wall time {total / 60:.1f} min on 2 CPU cores (the runs' train + eval, "
+           f"shared with other twins, plus {data['wall_seconds']['report']:.0f} s for this report).\n")
+    (out_dir / f"twin_{twin}.md").write_text(md)
+    plot(twin, data, out_dir / f"twin_{twin}.png")
+    print(md)
+    return data
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    for name in ("sweep", "commands", "report"):
+        a = sub.add_parser(name)
+        a.add_argument("--twins", default="a,b,c,d,e,f")
+        a.add_argument("--root", default="runs/twins")
+        a.add_argument("--out", default=str(RESULTS))
+        a.add_argument("--steps", type=int, default=STEPS, help="training steps per run")
+    r = sub.add_parser("run")
+    r.add_argument("--steps", type=int, default=STEPS, help="training steps per run")
+    r.add_argument("name", help="MODEL-OBJECTIVE-sSEED, e.g. flag-lognorm-s0")
+    r.add_argument("--root", default="runs/twins")
+    args = p.parse_args(argv)
+    if args.cmd == "run":
+        do_run(args.root, Run.parse(args.name), steps=args.steps)
+        return
+    twins = [t.strip() for t in args.twins.split(",") if t.strip()]
+    bad = [t for t in twins if t not in TWINS]
+    if bad:
+        raise SystemExit(f"unknown twin(s) {bad}; expected some of {sorted(TWINS)}")
+    here = "python experiments/twins.py"
+    if args.cmd == "commands":
+        for run in needed_runs(twins):
+            print(f"{here} run {run.name} --root {args.root} --steps {args.steps}")
+        print(f"{here} report --twins {','.join(twins)} --root {args.root}  # after all runs")
+        return
+    if args.cmd == "sweep":
+        for run in needed_runs(twins):
+            do_run(args.root, run, steps=args.steps)
+    for t in twins:
+        report(t, args.root, args.out, command=f"{here} sweep --twins {','.join(twins)} --root {args.root}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
