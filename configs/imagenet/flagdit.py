@@ -39,7 +39,9 @@ def get_config(arg: str = "600m"):
 
     c.data = ml_collections.ConfigDict(dict(
         name="latents", image_size=32, channels=4, worker_count=4,
-        options=ml_collections.ConfigDict(dict(data_dir="", scale=0.18215))))
+        # random_flip / sample_posterior: drawn per (seed, epoch, record) from `flagdit encode`'s moment shards
+        # (ignored for mean-only files from write_latents).
+        options=ml_collections.ConfigDict(dict(data_dir="", scale=0.18215, random_flip=True, sample_posterior=True))))
     # `flagdit encode` (flagdit_jax/encoders.py: encode_imagenet): tfds ImageNet (prepared with
     # --file_format=array_record) -> ADM centre crop 256 -> sd-vae-ft-ema posterior of the crop and of
     # its mirror -> {data.options.data_dir}/{split}-NNNNN-of-NNNNN.array_record; training draws the
