@@ -11,9 +11,9 @@ What each column is:
 - XLA FLOPs: `Lowered.cost_analysis()["flops"]` of the train step (`train.make_train_step`: task
   draws, forward, flow loss, backward with the config's remat, clip, AdamW, EMA) at the paper's
   global batch, TOTAL over all devices: the HLO before SPMD partitioning and optimisation, lowered
-  with the blocks as a Python loop (`scan_layers=False`, the configs' own layout), because XLA's
-  cost analysis counts a while-loop body once (flagdit_jax/aot.py) and the scanned step would
-  undercount by the depth. Beside it 6 N T (N params, T = global batch x padded tokens per sample)
+  with the blocks as a Python loop (`scan_layers=False`, the configs' own layout) and full-score
+  attention ('xla'), because XLA's cost analysis counts a while-loop body once (flagdit_jax/aot.py)
+  and a scanned step or the blockwise kernel's chunk loop would undercount. Beside it 6 N T (N params, T = global batch x padded tokens per sample)
   and their ratio: attention scores, the per-sample conditioning path and remat recompute push it
   above 1.
 - AOT compile: `train.setup` + `make_train_step`, lowered from abstract shapes and compiled
@@ -190,7 +190,10 @@ def measure_compile(name: str, overrides: dict | None = None, *, scan_layers: bo
     if kernel == "auto":
         kernel = attention.resolve_implementation(q_len=length, k_len=length, head_dim=s.model_cfg.head_dim,
                                                   dtype=s.model_cfg.dtype)
+    state_dev = sum(train.state_bytes(s.abstract_state).values())
+    state_all = sum(train.state_bytes(s.abstract_state, per_device=False).values())
     return dict(devices=jax.device_count(), mesh_shape=list(s.mesh.devices.shape), scan_layers=scan_layers,
+                state_bytes_per_device=state_dev, state_bytes_even_split=state_all / jax.device_count(),
                 attention=kernel, compile_s=rep.compile_seconds, argument_bytes=rep.argument_bytes,
                 output_bytes=rep.output_bytes, temp_bytes=rep.temp_bytes, alias_bytes=rep.alias_bytes,
                 total_bytes=rep.peak_bytes, compiled_flops_per_device=rep.hlo_flops_per_device,
@@ -205,7 +208,9 @@ def measure_flops(name: str, overrides: dict | None = None) -> dict:
     from flagdit_jax import aot, train
     from flagdit_jax.models import registry
 
-    config = load_config(name, dict(overrides or {}, **{"model.scan_layers": False}))
+    # Per-layer blocks and full-score attention: XLA's cost analysis counts a while-loop body once,
+    # and both scanned blocks and the blockwise (flash-form) attention kernel are loops.
+    config = load_config(name, dict(overrides or {}, **{"model.scan_layers": False, "model.attention": "xla"}))
     s = _setup(config)
     length = seq_len(config, s.model_cfg)
     batch = abstract_batch(s, length)
@@ -254,10 +259,9 @@ def _worker(args) -> None:
 
 
 def run_device_count(n: int, names: list[str], *, with_flops: bool, per_layer: bool, overrides: dict,
-                     tmp: pathlib.Path, nice: int = 0) -> list[dict]:
+                     tmp: pathlib.Path, nice: int = 0) -> tuple[list[dict], str | None]:
     """Measure `names` in a subprocess with `n` fake CPU devices; returns the rows it wrote (also
-    those written before a failure, which is then raised)."""
-    tmp.unlink(missing_ok=True)
+    those written before a failure) and the failure's description (None when it succeeded)."""
     env = dict(os.environ, JAX_PLATFORMS="cpu",
                XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n}").strip())
     cmd = [sys.executable, __file__, "--worker-devices", str(n), "--worker-out", str(tmp), "--only", ",".join(names),
@@ -269,10 +273,31 @@ def run_device_count(n: int, names: list[str], *, with_flops: bool, per_layer: b
     proc = subprocess.run(cmd, env=env, cwd=ROOT)
     rows = [json.loads(line) for line in tmp.read_text().splitlines()] if tmp.exists() else []
     tmp.unlink(missing_ok=True)
+    error = None
     if proc.returncode:
-        raise RuntimeError(f"the {n}-device worker failed (exit {proc.returncode}) after {len(rows)} of "
-                           f"{len(names)} configs; its traceback is above")
-    return rows
+        error = (f"the {n}-device worker failed (exit {proc.returncode}) after {len(rows)} of {len(names)} configs "
+                 f"({', '.join(names[len(rows):])} not measured); its traceback is above")
+    return rows, error
+
+
+NOTES = """Notes:
+- FLOPs are per optimizer step at the paper's global batch, summed over all devices: XLA's
+  HloCostAnalysis of the step's HLO before SPMD partitioning, lowered with per-layer blocks and
+  full-score ('xla') attention, since a while-loop body (scanned blocks, the blockwise kernel's
+  chunk loop) is counted once; flash kernels (cuDNN, splash, blockwise) also recompute the scores
+  in the backward, 2 S^2 d more per layer and sample, not counted here. They include the remat recompute, the task's draws, AdamW
+  and EMA. 6 N T counts every parameter once per token; the adaLN modulation kernels and the
+  timestep / label embedders act once per sample (Flag-DiT: a 1024 x 6d kernel per layer, a quarter
+  of the 600M), so the ratio sits below 1 where they are a large share; attention scores (4 L S^2 d
+  per sample, forward) push it up at long sequences. 'analytic model FLOPs' is `aot.model_flops`
+  (per-token kernels x tokens + per-sample kernels + attention, x3 for forward + backward).
+- Memory is XLA:CPU's memory analysis of the sharded program on fake CPU devices, with
+  `scan_layers=True` (arguments and outputs as per layer; temporaries are the scanned schedule's).
+  GPU / TPU compilers fuse and schedule differently, and attention 'auto' picks cuDNN flash / splash
+  there instead of the CPU's kernel named in the mesh column.
+- state / even split above 1.00x: parameters whose logical axes the rules table does not map to the
+  fsdp axis (the adaLN modulation kernels' input axis, the embedders) are replicated on every device.
+"""
 
 
 def _gib(b) -> str:
@@ -293,10 +318,12 @@ def markdown(results: dict, devices: list[int]) -> str:
                      + f" | {f['xla_flops_total'] / 1e15:.2f} PF | {f['six_n_t'] / 1e15:.2f} PF | "
                      f"{f['ratio_to_6nt']:.2f} | {f['analytic_model_flops'] / 1e15:.2f} PF |")
     lines += ["", "Per-device bytes of the compiled train step (GiB: arguments / outputs / temporaries / total "
-              "live), mesh (data, fsdp, sequence, tensor), attention kernel on CPU, compile seconds:", ""]
-    head = "| config | dtype, remat |" + "".join(f" {n} devices: mesh | args / out / temp / total | compile s |"
-                                                for n in devices)
-    lines += [head, "|---|---|" + "---|---|---:|" * len(devices)]
+              "live), mesh (data, fsdp, sequence, tensor) and the attention kernel on CPU, the per-device share of "
+              "params + EMA + AdamW state over an even 1/N split (1.00x = fully sharded, N = replicated), compile "
+              "seconds:", ""]
+    head = "| config | dtype, remat |" + "".join(
+        f" {n} devices: mesh | state / even split | args / out / temp / total | compile s |" for n in devices)
+    lines += [head, "|---|---|" + "---|---:|---|---:|" * len(devices)]
     for name in PAPER_CONFIGS:
         entry = results.get(name, {})
         if not any(str(n) in entry.get("compile", {}) for n in devices):
@@ -306,9 +333,10 @@ def markdown(results: dict, devices: list[int]) -> str:
         for n in devices:
             r = entry.get("compile", {}).get(str(n))
             if r is None:
-                row += " - | - | - |"
+                row += " - | - | - | - |"
                 continue
-            row += (f" {tuple(r['mesh_shape'])} {r['attention']} | {_gib(r['argument_bytes'])} / "
+            split = r["state_bytes_per_device"] / r["state_bytes_even_split"]
+            row += (f" {tuple(r['mesh_shape'])} {r['attention']} | {split:.2f}x | {_gib(r['argument_bytes'])} / "
                     f"{_gib(r['output_bytes'])} / {_gib(r['temp_bytes'])} / **{_gib(r['total_bytes'])}** | "
                     f"{r['compile_s']:.0f} |")
         lines.append(row)
@@ -344,6 +372,16 @@ def parse(argv=None):
     return args
 
 
+def _merge(results: dict, n: int, rows: list[dict]) -> None:
+    """Worker rows of `n` devices into `results[name]` ('flops' and 'compile'[n])."""
+    for row in rows:
+        row = dict(row)
+        entry = results.setdefault(row.pop("name"), {})
+        if "flops" in row:
+            entry["flops"] = row.pop("flops")
+        entry.setdefault("compile", {})[str(n)] = row
+
+
 def main(argv=None) -> dict:
     args = parse(argv)
     if args.worker_devices:
@@ -356,6 +394,11 @@ def main(argv=None) -> dict:
     results = doc.get("results", {})
     overrides = json.loads(args.overrides) if args.overrides else {}
     names = args.only.split(",")
+    for n in args.device_list:  # rows an interrupted run's worker wrote before the driver saved them
+        tmp = out.with_suffix(f".{n}.jsonl")
+        if tmp.exists():
+            _merge(results, n, [json.loads(line) for line in tmp.read_text().splitlines() if line.strip()])
+            tmp.unlink()
     t0 = time.perf_counter()
     for i, n in enumerate(args.device_list):
         with_flops = i == 0  # the FLOP count is of the global program: once, in the first worker
@@ -364,14 +407,13 @@ def main(argv=None) -> dict:
         if not todo:
             continue
         print(f"{n} fake devices: {', '.join(todo)}", flush=True)
-        for row in run_device_count(n, todo, with_flops=with_flops, per_layer=args.per_layer, overrides=overrides,
-                                    tmp=out.with_suffix(f".{n}.jsonl"), nice=args.nice):
-            entry = results.setdefault(row.pop("name"), {})
-            if "flops" in row:
-                entry["flops"] = row.pop("flops")
-            entry.setdefault("compile", {})[str(n)] = row
-            doc.update(results=results)
-            path.write_text(json.dumps(doc, indent=1))  # after every config: an interrupted run resumes
+        rows, error = run_device_count(n, todo, with_flops=with_flops, per_layer=args.per_layer,
+                                       overrides=overrides, tmp=out.with_suffix(f".{n}.jsonl"), nice=args.nice)
+        _merge(results, n, rows)
+        doc.update(results=results)
+        path.write_text(json.dumps(doc, indent=1))  # the rows measured so far: a rerun resumes after them
+        if error:
+            raise RuntimeError(error)
     wall = time.perf_counter() - t0
     import platform
 
@@ -385,8 +427,9 @@ def main(argv=None) -> dict:
     doc.update(results=results, what=__doc__.split("\n\n")[0])
     path.write_text(json.dumps(doc, indent=1))
     table = markdown(results, args.device_list)
-    md = (f"# Paper configs: parameters, XLA FLOPs, AOT sharded compile on fake devices\n\n"
-          f"`{runs[-1]['command']}`: {wall / 60:.1f} min wall ({runs[-1]['machine']}).\n\n{table}\n")
+    made = "\n".join(f"- `{r['command']}` ({r['when']}): {r['wall_s'] / 60:.1f} min wall, {r['machine']}" for r in runs)
+    md = (f"# Paper configs: parameters, XLA FLOPs, AOT sharded compile on fake devices\n\n{made}\n\n{table}\n\n"
+          f"{NOTES}")
     out.with_suffix(".md").write_text(md)
     print(table)
     print(f"wall {wall:.0f} s; wrote {path} and {out.with_suffix('.md')}")

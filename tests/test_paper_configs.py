@@ -143,3 +143,23 @@ def test_baseline_configs_train_on_latents(tmp_path, name):
                              cwd=ROOT)
         assert run.returncode == 0, run.stderr[-3000:]
         assert np.isfinite(np.load(tmp_path / "w" / "samples_2.npz")["latents"]).all()
+
+
+def test_driver_keeps_an_interrupted_workers_rows(tmp_path, monkeypatch):
+    """Rows a killed run's worker wrote (OUT.N.jsonl) are merged and not measured again; the tables
+    show them."""
+    row = dict(name="sit-xl-2", devices=8, mesh_shape=[8, 1, 1, 1], scan_layers=True, attention="xla",
+               state_bytes_per_device=800, state_bytes_even_split=100.0, compile_s=1.0, argument_bytes=2**30,
+               output_bytes=2**30, temp_bytes=2**31, alias_bytes=2**30, total_bytes=2**32,
+               compiled_flops_per_device=1.0, compiled_has_loops=True, wall_s=1.0,
+               flops=dict(params=674834720, reference_params=675e6, global_batch=256, seq_len=256, caption_len=0,
+                          tokens=65536, xla_flops_total=3e17, six_n_t=2.65e17, ratio_to_6nt=1.13,
+                          analytic_model_flops=2.9e17, dtype="float32", remat="none"))
+    (tmp_path / "pc.8.jsonl").write_text(json.dumps(row) + "\n")
+    monkeypatch.setattr(pc, "run_device_count", lambda *a, **k: pytest.fail("nothing should be re-measured"))
+    doc = pc.main(["--devices", "8", "--only", "sit-xl-2", "--out", str(tmp_path / "pc")])
+    assert doc["results"]["sit-xl-2"]["compile"]["8"]["total_bytes"] == 2**32
+    assert not (tmp_path / "pc.8.jsonl").exists()
+    md = (tmp_path / "pc.md").read_text()
+    assert "| sit-xl-2 | SiT baseline (ImageNet 256) | 0.675B | 0.675B | 256 x 256 | 300.00 PF |" in md
+    assert "(8, 1, 1, 1) xla | 8.00x | 1.00 / 1.00 / 2.00 / **4.00** |" in md
