@@ -160,3 +160,64 @@ def _pool(parts: dict) -> dict:
     n = sum(p["n"] for p in parts.values())
     return {"n": n, **{k: sum(p[k] * p["n"] for p in parts.values()) / n
                        for k in ("digit", "position", "size", "all", "empty")}}
+
+
+# ------------------------------------------------------------------------ ADM suite (ImageNet-style)
+
+def _inception(inception_weights, feature_fn, batch_size: int = 200):
+    if feature_fn is not None:
+        return feature_fn
+    if not inception_weights:
+        raise ValueError("the ADM suite needs Inception-v3 weights (pytorch-fid's pt_inception-2015-12-05 .pth): "
+                         "pass --inception PATH")
+    from flagdit_jax.eval.inception import InceptionFeatures
+
+    return InceptionFeatures(inception_weights, batch_size=batch_size)
+
+
+def run_adm(config, samples, reference, inception_weights=None, *, feature_fn=None, out=None,
+            batch: int = 500) -> dict:
+    """ADM's FID, sFID, IS, precision and recall of the sample shards `samples` (a folder of
+    `samples-*-of-*.npz` from `eval.sample_batch.write_samples`, or one ADM-format `.npz` with `arr_0`)
+    against the reference batch `reference` (`eval.adm.read_reference`: ours or ADM's VIRTUAL_*.npz), on
+    the features of `inception_weights` (or `feature_fn`: uint8 [n, H, W, 3] -> feature dict). Writes
+    `adm_eval.json` beside the samples (or to `out`) and returns the report."""
+    from flagdit_jax.eval import adm, sample_batch
+
+    t0 = time.time()
+    order = sample_batch.sample_order(samples)  # validates the shards before any feature pass
+    reference = pathlib.Path(reference)
+    if not reference.is_file():
+        raise FileNotFoundError(f"no reference batch at {reference}")
+    fn = _inception(inception_weights, feature_fn)
+    ref = adm.read_reference(reference, fn, batch=batch)
+    feats = adm.features_of(sample_batch.iter_samples(samples, batch), fn)
+    feats = {k: v[order] for k, v in feats.items()}  # global index order: IS splits are consecutive indices
+    metrics = adm.evaluate(feats, ref, split_size=int(config.get("eval", {}).get("is_split_size", 5000))
+                           if config is not None else 5000)
+    rep = dict(metrics, num_samples=int(len(order)), reference=str(reference), samples=str(samples),
+               seconds=round(time.time() - t0, 1))
+    path = pathlib.Path(out) if out else (pathlib.Path(samples) if pathlib.Path(samples).is_dir()
+                                          else pathlib.Path(samples).parent) / "adm_eval.json"
+    path.write_text(json.dumps(rep, indent=1))
+    print(f"{len(order)} samples vs {reference.name}: FID {metrics['fid']:.3f}  sFID {metrics['sfid']:.3f}  "
+          f"IS {metrics['is']:.2f}  precision {metrics['precision']:.4f}  recall {metrics['recall']:.4f}")
+    print(f"wrote {path}")
+    return rep
+
+
+def run_reference(images, output, inception_weights=None, *, feature_fn=None, keep_images: bool = False,
+                  batch: int = 500):
+    """An ADM-format reference batch at `output` from uint8 images: `images` is an `.npz` with `arr_0`
+    [N, H, W, 3] (e.g. ADM's VIRTUAL_*.npz or the ImageNet pipeline's crops) or a folder of sample shards.
+    Stores the statistics and the raw features; the images too (`arr_0`) when `keep_images`."""
+    from flagdit_jax.eval import adm, sample_batch
+
+    fn = _inception(inception_weights, feature_fn)
+    order = sample_batch.sample_order(images)
+    feats = adm.features_of(sample_batch.iter_samples(images, batch), fn)
+    feats = {k: v[order] for k, v in feats.items() if k in adm.FEATURE_KEYS}
+    arr = sample_batch.load_samples(images)[0] if keep_images else None
+    path = adm.write_reference(output, feats, arr)
+    print(f"wrote {path}: {len(order)} images, pool {feats['pool'].shape[1]} / spatial {feats['spatial'].shape[1]}")
+    return path
