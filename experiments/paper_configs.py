@@ -292,7 +292,10 @@ NOTES = """Notes:
   per sample, forward) push it up at long sequences. 'analytic model FLOPs' is `aot.model_flops`
   (per-token kernels x tokens + per-sample kernels + attention, x3 for forward + backward).
 - Memory is XLA:CPU's memory analysis of the sharded program on fake CPU devices, with
-  `scan_layers=True` (arguments and outputs as per layer; temporaries are the scanned schedule's).
+  `scan_layers=True` (arguments and outputs as per layer; temporaries are the scanned schedule's
+  and differ per layer, in either direction: flagdit-600m on 8 devices 31.9 GiB per layer vs 11.4
+  scanned, experiments/results/paper_configs_per_layer.md; flagdit-3b at batch 1 on one device
+  25.4 vs 33.9, compile_time.json).
   GPU / TPU compilers fuse and schedule differently, and attention 'auto' picks cuDNN flash / splash
   there instead of the CPU's kernel named in the mesh column.
 - state / even split above 1.00x: parameters whose logical axes the rules table does not map to the
