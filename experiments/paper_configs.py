@@ -11,9 +11,9 @@ What each column is:
 - XLA FLOPs: `Lowered.cost_analysis()["flops"]` of the train step (`train.make_train_step`: task
   draws, forward, flow loss, backward with the config's remat, clip, AdamW, EMA) at the paper's
   global batch, TOTAL over all devices: the HLO before SPMD partitioning and optimisation, lowered
-  with the blocks as a Python loop (`scan_layers=False`, the configs' own layout) and full-score
-  attention ('xla'), because XLA's cost analysis counts a while-loop body once (flagdit_jax/aot.py)
-  and a scanned step or the blockwise kernel's chunk loop would undercount. Beside it 6 N T (N params, T = global batch x padded tokens per sample)
+  with the blocks as a Python loop (`scan_layers=False`, the configs' own layout), full-score
+  attention ('xla') and grad_accum_steps=1 (the same global batch in one piece), because XLA's cost analysis counts a while-loop body once (flagdit_jax/aot.py)
+  and a scanned step, the blockwise kernel's chunk loop or accumulation would undercount. Beside it 6 N T (N params, T = global batch x padded tokens per sample)
   and their ratio: attention scores, the per-sample conditioning path and remat recompute push it
   above 1.
 - AOT compile: `train.setup` + `make_train_step`, lowered from abstract shapes and compiled
@@ -208,9 +208,12 @@ def measure_flops(name: str, overrides: dict | None = None) -> dict:
     from flagdit_jax import aot, train
     from flagdit_jax.models import registry
 
-    # Per-layer blocks and full-score attention: XLA's cost analysis counts a while-loop body once,
-    # and both scanned blocks and the blockwise (flash-form) attention kernel are loops.
-    config = load_config(name, dict(overrides or {}, **{"model.scan_layers": False, "model.attention": "xla"}))
+    # Per-layer blocks, full-score attention and no accumulation loop: XLA's cost analysis counts a
+    # while-loop body once, and scanned blocks, the blockwise (flash-form) attention kernel and
+    # gradient accumulation are loops (accumulation splits the same global batch: same FLOPs but the
+    # micro-gradient sums).
+    config = load_config(name, dict(overrides or {}, **{"model.scan_layers": False, "model.attention": "xla",
+                                                        "grad_accum_steps": 1}))
     s = _setup(config)
     length = seq_len(config, s.model_cfg)
     batch = abstract_batch(s, length)
@@ -282,15 +285,16 @@ def run_device_count(n: int, names: list[str], *, with_flops: bool, per_layer: b
 
 NOTES = """Notes:
 - FLOPs are per optimizer step at the paper's global batch, summed over all devices: XLA's
-  HloCostAnalysis of the step's HLO before SPMD partitioning, lowered with per-layer blocks and
-  full-score ('xla') attention, since a while-loop body (scanned blocks, the blockwise kernel's
-  chunk loop) is counted once; flash kernels (cuDNN, splash, blockwise) also recompute the scores
-  in the backward, 2 S^2 d more per layer and sample, not counted here. They include the remat recompute, the task's draws, AdamW
-  and EMA. 6 N T counts every parameter once per token; the adaLN modulation kernels and the
-  timestep / label embedders act once per sample (Flag-DiT: a 1024 x 6d kernel per layer, a quarter
-  of the 600M), so the ratio sits below 1 where they are a large share; attention scores (4 L S^2 d
-  per sample, forward) push it up at long sequences. 'analytic model FLOPs' is `aot.model_flops`
-  (per-token kernels x tokens + per-sample kernels + attention, x3 for forward + backward).
+  HloCostAnalysis of the step's HLO before SPMD partitioning, lowered with per-layer blocks,
+  full-score ('xla') attention and no gradient accumulation, since a while-loop body (scanned
+  blocks, the blockwise kernel's chunk loop, accumulation) is counted once. Flash kernels (cuDNN,
+  splash, blockwise) also recompute the scores in the backward (2 S^2 d more per layer and
+  sample), not counted here. Included: remat recompute, the task's draws, AdamW and EMA. 6 N T
+  counts every parameter once per token; the adaLN modulation kernels and the timestep / label
+  embedders act once per sample (Flag-DiT: a 1024 x 6d kernel per layer, a quarter of the 600M),
+  so the ratio sits below 1 where they are a large share; attention scores (4 L S^2 d per sample,
+  forward) push it up at long sequences. 'analytic model FLOPs' is `aot.model_flops` (per-token
+  kernels x tokens + per-sample kernels + attention, x3 for forward + backward).
 - Memory is XLA:CPU's memory analysis of the sharded program on fake CPU devices, with
   `scan_layers=True` (arguments and outputs as per layer; temporaries are the scanned schedule's
   and differ per layer, in either direction: flagdit-600m on 8 devices 31.9 GiB per layer vs 11.4
@@ -299,7 +303,8 @@ NOTES = """Notes:
   GPU / TPU compilers fuse and schedule differently, and attention 'auto' picks cuDNN flash / splash
   there instead of the CPU's kernel named in the mesh column.
 - state / even split above 1.00x: parameters whose logical axes the rules table does not map to the
-  fsdp axis (the adaLN modulation kernels' input axis, the embedders) are replicated on every device.
+  fsdp axis (the adaLN modulation kernels' input axis, the embedders) are replicated on every device
+  (DiT / SiT: data parallel, everything replicated by design, as DDP).
 """
 
 
