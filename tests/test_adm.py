@@ -129,6 +129,8 @@ def test_precision_recall_against_brute_force_and_blocks():
     np.testing.assert_allclose(adm.manifold_radii(ref, block=32), r_ref, rtol=1e-5)
     assert adm.precision_recall(ref, smp, block=32) == pytest.approx((prec, rec), abs=1e-12)
     assert adm.precision_recall(ref, smp) == pytest.approx((prec, rec), abs=1e-12)
+    # ADM's fp16 distances (emulated) move at most a few points across ball boundaries.
+    assert adm.precision_recall(ref, smp, block=32, half=True) == pytest.approx((prec, rec), abs=0.05)
 
 
 # --------------------------------------------------------------------------------- PyTorch parity
@@ -150,6 +152,7 @@ def test_fid_sfid_is_pr_match_the_pytorch_references(refs):
     assert out["fid"] > 1.0 and out["is"] > 1.5
     assert out["fid"] == pytest.approx(want_fid, rel=1e-4)
     assert out["sfid"] == pytest.approx(want_sfid, rel=1e-4)
+    assert adm.evaluate(s, ref, metrics=("fid",), fid_method="eigh")["fid"] == pytest.approx(want_fid, rel=1e-4)
     assert out["is"] == pytest.approx(want_is, rel=1e-4)
     # Equal counts: torch-fidelity takes the mean in float32.
     assert (out["precision"], out["recall"]) == pytest.approx((want_p, want_r), abs=1e-6)

@@ -22,6 +22,7 @@ Files are read with allow_pickle=False.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import pathlib
 import zipfile
@@ -70,28 +71,41 @@ def inception_score(logits_unbiased, split_size: int = 5000) -> float:
 
 # ------------------------------------------------------------------------------- precision / recall
 
-@jax.jit
-def _sq_dists(u, v):
-    # ADM's _batch_pairwise_distances: |u|^2 - 2 u.v + |v|^2, clamped at 0. HIGHEST precision: on GPUs the
-    # default f32 matmul may run in TF32 (ADM itself runs this block in fp16 when finite; see `precision_recall`).
-    nu = jnp.sum(u * u, 1)[:, None]
-    nv = jnp.sum(v * v, 1)[None, :]
-    d = nu - 2.0 * jnp.matmul(u, v.T, precision=jax.lax.Precision.HIGHEST) + nv
-    return jnp.maximum(d, 0.0)
+def _sq_dists(u, v, half: bool = False):
+    """ADM's _batch_pairwise_distances: |u|^2 - 2 u.v + |v|^2, clamped at 0, float32 [Nu, Nv].
+
+    HIGHEST precision: on GPUs the default f32 matmul may run in TF32. `half` emulates ADM's DistanceBlock,
+    which runs this in fp16 (inputs, norms, product and sum rounded to fp16; fp32 accumulation assumed, as
+    cuBLAS does) and falls back to fp32 for a block with non-finite values; TF's exact fp16 kernels are not
+    reproduced, so `half` shows the size of the effect rather than ADM's bits."""
+    def f32():
+        nu = jnp.sum(u * u, 1)[:, None]
+        nv = jnp.sum(v * v, 1)[None, :]
+        return jnp.maximum(nu - 2.0 * jnp.matmul(u, v.T, precision=jax.lax.Precision.HIGHEST) + nv, 0.0)
+
+    if not half:
+        return f32()
+    h, f = jnp.float16, jnp.float32
+    uh, vh = u.astype(h), v.astype(h)
+    nu = jnp.sum(uh.astype(f) ** 2, 1).astype(h)[:, None]
+    nv = jnp.sum(vh.astype(f) ** 2, 1).astype(h)[None, :]
+    mm = jnp.matmul(uh, vh.T, preferred_element_type=f, precision=jax.lax.Precision.HIGHEST).astype(h)
+    d = jnp.maximum(nu - h(2.0) * mm + nv, h(0.0))
+    return jnp.where(jnp.all(jnp.isfinite(d)), d.astype(f), f32())
 
 
-@jax.jit
-def _knn_update(smallest, u, v, col_valid):
+@functools.partial(jax.jit, static_argnames="half")
+def _knn_update(smallest, u, v, col_valid, half=False):
     """Running k+1 smallest squared distances of rows `u` over column blocks `v` (padded columns masked)."""
-    d = jnp.where(col_valid[None, :], _sq_dists(u, v), jnp.inf)
+    d = jnp.where(col_valid[None, :], _sq_dists(u, v, half), jnp.inf)
     both = jnp.concatenate([smallest, d], axis=1)
     return -jax.lax.top_k(-both, smallest.shape[1])[0]
 
 
-@jax.jit
-def _inside(u, radii_u, v, radii_v):
+@functools.partial(jax.jit, static_argnames="half")
+def _inside(u, radii_u, v, radii_v, half=False):
     """For a block: rows of u inside any ball of v (radii_v) and columns of v inside any ball of u."""
-    d = _sq_dists(u, v)
+    d = _sq_dists(u, v, half)
     return jnp.any(d <= radii_v[None, :], axis=1), jnp.any(d <= radii_u[:, None], axis=0)
 
 
@@ -104,7 +118,7 @@ def _blocks(n: int, block: int) -> tuple[int, int]:
     return b, -(-n // b) * b
 
 
-def manifold_radii(features, k: int = 3, block: int = 10000) -> np.ndarray:
+def manifold_radii(features, k: int = 3, block: int = 10000, *, half: bool = False) -> np.ndarray:
     """Squared distance of each row of `features` `[N, D]` to its k-th nearest neighbour in the set, the row
     itself included as the 0-th (ADM's `manifold_radii` with nhood_sizes=(k,)): `[N]` float32.
 
@@ -121,18 +135,20 @@ def manifold_radii(features, k: int = 3, block: int = 10000) -> np.ndarray:
     for r in range(0, n_pad, b):
         smallest = jnp.full((b, k + 1), jnp.inf, jnp.float32)
         for c in range(0, n_pad, b):
-            smallest = _knn_update(smallest, fp[r:r + b], fp[c:c + b], valid[c:c + b])
+            smallest = _knn_update(smallest, fp[r:r + b], fp[c:c + b], valid[c:c + b], half=half)
         out.append(np.asarray(smallest[:, k]))
     return np.concatenate(out)[:n]
 
 
-def precision_recall(reference, samples, k: int = 3, block: int = 10000) -> tuple[float, float]:
+def precision_recall(reference, samples, k: int = 3, block: int = 10000, *, half: bool = False
+                     ) -> tuple[float, float]:
     """ADM's improved precision and recall (k-NN manifolds, k=3) of `samples` `[M, D]` against
     `reference` `[N, D]`: precision = share of samples within the k-NN radius of some reference point
     (`distance <= radius`), recall = share of reference points within that of some sample.
 
-    Distances are float32 (ADM computes them in fp16 when finite, which can flip points on a ball's
-    boundary; the definition is otherwise the same). Memory is bounded by `block` x `block` distances.
+    Distances are float32 (ADM computes them in fp16 when finite, which can flip points near a ball's
+    boundary; `half=True` emulates that, see `_sq_dists`; the definition is otherwise the same). Memory is
+    bounded by `block` x `block` distances.
     """
     ref, smp = np.asarray(reference, np.float32), np.asarray(samples, np.float32)
     if ref.ndim != 2 or smp.ndim != 2 or ref.shape[1] != smp.shape[1]:
@@ -143,7 +159,7 @@ def precision_recall(reference, samples, k: int = 3, block: int = 10000) -> tupl
             raise ValueError(f"{name} needs more than k={k} feature vectors, got {len(a)}")
         if not np.all(np.isfinite(a)):
             raise ValueError(f"{name} features have {int(np.sum(~np.isfinite(a)))} non-finite values")
-    r_ref, r_smp = manifold_radii(ref, k, block), manifold_radii(smp, k, block)
+    r_ref, r_smp = manifold_radii(ref, k, block, half=half), manifold_radii(smp, k, block, half=half)
     b1, n1 = _blocks(len(ref), block)
     b2, n2 = _blocks(len(smp), block)
     # Padded points get radius -inf (no ball) and their own status is dropped.
@@ -154,7 +170,7 @@ def precision_recall(reference, samples, k: int = 3, block: int = 10000) -> tupl
     smp_in = np.zeros(n2, bool)  # sample inside the reference manifold (precision)
     for i in range(0, n1, b1):
         for j in range(0, n2, b2):
-            a_in, b_in = _inside(refp[i:i + b1], rr[i:i + b1], smpp[j:j + b2], rs[j:j + b2])
+            a_in, b_in = _inside(refp[i:i + b1], rr[i:i + b1], smpp[j:j + b2], rs[j:j + b2], half=half)
             ref_in[i:i + b1] |= np.asarray(a_in)
             smp_in[j:j + b2] |= np.asarray(b_in)
     return float(np.mean(smp_in[:len(smp)])), float(np.mean(ref_in[:len(ref)]))
@@ -280,10 +296,12 @@ def features_of(batches, feature_fn: FeatureFn) -> dict:
 # --------------------------------------------------------------------------------------- evaluation
 
 def evaluate(sample_feats: dict, reference: Reference, *, metrics=METRICS, split_size: int = 5000,
-             k: int = 3, block: int = 10000) -> dict:
+             k: int = 3, block: int = 10000, half: bool = False, fid_method: str = "scipy") -> dict:
     """The ADM suite of `sample_feats` (InceptionFeatures output: 'pool' [M, D], 'spatial' [M, Ds],
     'logits_unbiased' [M, K]) against `reference`: {'fid', 'sfid', 'is', 'precision', 'recall'} (those in
-    `metrics`). Precision / recall need the reference's pool features."""
+    `metrics`). Precision / recall need the reference's pool features; `half` emulates ADM's fp16 distances.
+    `fid_method` 'scipy' is ADM's / pytorch-fid's sqrtm (~100 s for 2048 wide on 2 busy CPU cores); 'eigh'
+    (`eval/fid.py`) gives the same value to round-off in a few seconds."""
     bad = [m for m in metrics if m not in METRICS]
     if bad or not metrics:
         raise ValueError(f"metrics must be a non-empty subset of {METRICS}, got {tuple(metrics)}")
@@ -301,14 +319,14 @@ def evaluate(sample_feats: dict, reference: Reference, *, metrics=METRICS, split
     if "fid" in metrics:
         # The scipy route: sqrtm of sigma1 sigma2 with ADM's / pytorch-fid's eps offset when singular.
         out["fid"] = fid.frechet_distance(*fid.statistics(sample_feats["pool"]), reference.mu, reference.sigma,
-                                          method="scipy")
+                                          method=fid_method)
     if "sfid" in metrics:
         out["sfid"] = fid.frechet_distance(*fid.statistics(sample_feats["spatial"]), reference.mu_s,
-                                           reference.sigma_s, method="scipy")
+                                           reference.sigma_s, method=fid_method)
     if "is" in metrics:
         out["is"] = inception_score(sample_feats["logits_unbiased"], split_size)
     if "precision" in metrics or "recall" in metrics:
-        p, r = precision_recall(reference.pool, sample_feats["pool"], k=k, block=block)
+        p, r = precision_recall(reference.pool, sample_feats["pool"], k=k, block=block, half=half)
         out.update({m: v for m, v in (("precision", p), ("recall", r)) if m in metrics})
     return out
 

@@ -143,7 +143,6 @@ def write_samples(config, workdir, num_samples: int, out, *, batch: int | None =
                 method=sc.method, num_steps=int(sc.num_steps), cfg_scale=float(sc.cfg_scale),
                 cfg_channels=sc.get("cfg_channels"), shift=float(sc.get("shift", 1.0)), processes=n_proc)
     parts = out / "parts" / final.stem
-    parts.mkdir(parents=True, exist_ok=True)
     meta_path = parts / "meta.json"
     if meta_path.exists():
         old = json.loads(meta_path.read_text())
@@ -154,6 +153,7 @@ def write_samples(config, workdir, num_samples: int, out, *, batch: int | None =
     elif final.exists():
         raise ValueError(f"{final} exists (a finished run); remove it or use another output folder")
     else:
+        parts.mkdir(parents=True, exist_ok=True)
         meta_path.write_text(json.dumps(meta, indent=1))
 
     n_chunks = -(-num_samples // batch)
