@@ -250,12 +250,13 @@ def do_run(root, run: Run, *, steps: int = STEPS) -> dict:
 
 
 def needed_runs(twins) -> list[Run]:
+    """The distinct runs of `twins`, every twin's seed 0 first (a partial sweep covers every arm)."""
     seen = {}
     for t in twins:
         for runs in TWINS[t]["arms"].values():
             for r in runs:
                 seen.setdefault(r.name, r)
-    return list(seen.values())
+    return sorted(seen.values(), key=lambda r: r.seed)
 
 
 # ------------------------------------------------------------------------------------------------

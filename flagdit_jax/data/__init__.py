@@ -15,13 +15,13 @@ from flagdit_jax.data.buckets import crop_buckets, crop_size_list, make_bucketed
 from flagdit_jax.data.captioned import CaptionedMnistSource
 from flagdit_jax.data.encoded import EncodedSource, encode_dataset
 from flagdit_jax.data.image_text import ImageTextFolder
-from flagdit_jax.data.imagenet import ImageNetSource, center_crop_arr
-from flagdit_jax.data.latents import SD_VAE_SCALE, LatentSource, write_latents
+from flagdit_jax.data.imagenet import ImageNetSource, center_crop_arr, reference_images
+from flagdit_jax.data.latents import SD_VAE_SCALE, LatentSource, encode_latents, write_latents
 from flagdit_jax.data.mnist import MnistSource, load_split
 from flagdit_jax.data.mnist_t2i import MnistT2I
 from flagdit_jax.data.pipeline import SOURCES, get_source, make_dataset, make_iterator
 
 __all__ = ["SOURCES", "SD_VAE_SCALE", "CaptionedMnistSource", "EncodedSource", "ImageNetSource", "ImageTextFolder",
-           "LatentSource", "MnistSource", "MnistT2I", "encode_dataset",
+           "LatentSource", "MnistSource", "MnistT2I", "encode_dataset", "encode_latents", "reference_images",
            "center_crop_arr", "crop_buckets", "crop_size_list", "get_source", "load_split", "make_bucketed_iterator",
            "make_dataset", "make_iterator", "write_latents"]
