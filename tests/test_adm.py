@@ -33,7 +33,8 @@ def _without_torchvision():
 
     stub("torchvision", __version__="0.0")
     stub("torchvision.transforms")
-    stub("pytorch_fid.inception", InceptionV3=types.SimpleNamespace(BLOCK_INDEX_BY_DIM={2048: 3}))  # subclasses torchvision's Inception at import
+    # The network module subclasses torchvision's Inception at import; fid_score reads one class attribute.
+    stub("pytorch_fid.inception", InceptionV3=types.SimpleNamespace(BLOCK_INDEX_BY_DIM={2048: 3}))
     spec = importlib.util.find_spec("torch_fidelity")
     if spec is None:
         pytest.skip("torch-fidelity not installed (pip install --no-deps torch-fidelity)")

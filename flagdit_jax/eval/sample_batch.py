@@ -78,7 +78,8 @@ def make_chunk_sampler(s, batch: int, *, seed: int, method: str, num_steps: int,
             x1 = samplers.sample_sde(v, x0, jax.random.fold_in(k_sde, idx[0]), num_steps=num_steps,
                                      path=paths.get_path(s.config.flow.path),
                                      diffusion_form=sc.get("diffusion_form", "sigma"),
-                                     diffusion_norm=sc.get("diffusion_norm", 1.0), last_step=sc.get("last_step", "Mean"))
+                                     diffusion_norm=sc.get("diffusion_norm", 1.0),
+                                     last_step=sc.get("last_step", "Mean"))
         else:
             x1 = samplers.sample_ode(v, x0, method=method, num_steps=num_steps, shift=shift)
         return tok.unpack(x1.reshape(layout.tokens.shape), layout), label
