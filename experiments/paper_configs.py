@@ -302,6 +302,10 @@ NOTES = """Notes:
   25.4 vs 33.9, compile_time.json).
   GPU / TPU compilers fuse and schedule differently, and attention 'auto' picks cuDNN flash / splash
   there instead of the CPU's kernel named in the mesh column.
+- Related runs: experiments/results/paper_configs_t2i_micro.md (the T2I stages at the reference's
+  micro batches 16 / 8 / 2 per device on 8 devices, grad_accum_steps 4 / 8 / 32),
+  paper_configs_t2i1024_accum4.md (1024 px on 64 devices, micro batch 2), paper_configs_cond_fsdp.md
+  (the rule ('cond', 'fsdp'): adaLN kernels sharded too), paper_configs_per_layer.md.
 - state / even split above 1.00x: parameters whose logical axes the rules table does not map to the
   fsdp axis (the adaLN modulation kernels' input axis, the embedders) are replicated on every device
   (DiT / SiT: data parallel, everything replicated by design, as DDP).
@@ -407,7 +411,7 @@ def main(argv=None) -> dict:
         if tmp.exists():
             _merge(results, n, [json.loads(line) for line in tmp.read_text().splitlines() if line.strip()])
             tmp.unlink()
-    t0 = time.perf_counter()
+    t0, measured = time.perf_counter(), 0
     for i, n in enumerate(args.device_list):
         with_flops = i == 0  # the FLOP count is of the global program: once, in the first worker
         todo = [m for m in names if args.force or str(n) not in results.get(m, {}).get("compile", {})
@@ -415,6 +419,7 @@ def main(argv=None) -> dict:
         if not todo:
             continue
         print(f"{n} fake devices: {', '.join(todo)}", flush=True)
+        measured += len(todo)
         rows, error = run_device_count(n, todo, with_flops=with_flops, per_layer=args.per_layer,
                                        overrides=overrides, tmp=out.with_suffix(f".{n}.jsonl"), nice=args.nice)
         _merge(results, n, rows)
@@ -425,13 +430,15 @@ def main(argv=None) -> dict:
     wall = time.perf_counter() - t0
     import platform
 
+    flags = (f"--devices {','.join(map(str, args.device_list))}",
+             f"--only {args.only}" if args.only != ",".join(PAPER_CONFIGS) else "",
+             "--per-layer" if args.per_layer else "", "--force" if args.force else "",
+             f"--nice {args.nice}" if args.nice else "", f"--overrides '{args.overrides}'" if args.overrides else "")
     runs = doc.setdefault("runs", [])
-    runs.append(dict(command="python experiments/paper_configs.py " + " ".join(
-        a for a in (f"--devices {','.join(map(str, args.device_list))}", f"--only {args.only}" if args.only != ",".join(
-            PAPER_CONFIGS) else "", "--per-layer" if args.per_layer else "", "--force" if args.force else "",
-            f"--nice {args.nice}" if args.nice else "", f"--overrides '{args.overrides}'" if args.overrides else "")
-        if a), wall_s=wall, when=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-        machine=f"{platform.machine()}, {os.cpu_count()} CPUs (shared)"))
+    if measured:  # a rerun with nothing left to measure only redraws the tables
+        runs.append(dict(command="python experiments/paper_configs.py " + " ".join(a for a in flags if a),
+                         wall_s=wall, when=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+                         machine=f"{platform.machine()}, {os.cpu_count()} CPUs (shared)"))
     doc.update(results=results, what=__doc__.split("\n\n")[0])
     path.write_text(json.dumps(doc, indent=1))
     table = markdown(results, args.device_list)
