@@ -458,8 +458,17 @@ def main(argv=None):
         print(f"{here} report --twins {','.join(twins)} --root {args.root}  # after all runs")
         return
     if args.cmd == "sweep":
+        from flagdit_jax import checkpoint
+
+        busy = []
         for run in needed_runs(twins):
-            do_run(args.root, run, steps=args.steps)
+            try:
+                do_run(args.root, run, steps=args.steps)
+            except checkpoint.WorkdirLocked:  # another worker (`run NAME`) is training it
+                print(f"{run.name}: running in another process; skipped", flush=True)
+                busy.append(run.name)
+        if busy:
+            raise SystemExit(f"runs still in progress elsewhere: {busy}; rerun the sweep (or `report`) when done")
     for t in twins:
         report(t, args.root, args.out, command=f"{here} sweep --twins {','.join(twins)} --root {args.root}")
 

@@ -3,6 +3,9 @@
     flagdit train --config configs/default.py --workdir runs/default [--config.total_steps=20]
     flagdit sample --workdir runs/default [--config.sample.cfg_scale=3]
     flagdit eval --workdir runs/default
+    flagdit sample --workdir runs/fdit600m --num_samples 50000 --output samples/   # ADM .npz shards, all hosts
+    flagdit reference --images VIRTUAL_imagenet256_labeled.npz --inception pt_inception.pth --output ref.npz
+    flagdit eval --workdir runs/fdit600m --samples samples/ --reference ref.npz --inception pt_inception.pth
     flagdit autoencoder --config configs/autoencoder/mnist.py --workdir runs/autoencoder
     flagdit encode --config configs/t2i/mnist.py:next            # VAE latents + caption embeddings, once
     flagdit sample --workdir runs/t2i_next --prompt "a small seven in the top left of a square canvas"
@@ -102,6 +105,16 @@ def _convert(args) -> int:
     return 0
 
 
+@_user_errors
+def _reference(args) -> int:
+    from flagdit_jax import evaluate
+
+    evaluate.run_reference(_input_file("--images", args.images) if not pathlib.Path(args.images).is_dir()
+                           else args.images, args.output, _input_file("--inception", args.inception),
+                           keep_images=args.keep_images)
+    return 0
+
+
 def _presets(args) -> int:
     from flagdit_jax.models import registry
 
@@ -169,6 +182,19 @@ def _run_config_command(command: str, argv: list[str]) -> int:
                                       flag_values=fv)
             flags.DEFINE_string("output", None, "PNG to write (default: in the workdir)", flag_values=fv)
             flags.DEFINE_string("size", None, "with --prompt: HxW pixels, e.g. 32x64", flag_values=fv)
+            flags.DEFINE_integer("num_samples", None, "write this many class-conditional samples as ADM-format "
+                                 ".npz shards in the --output folder (every device and host samples)", flag_values=fv)
+            flags.DEFINE_integer("batch", None, "with --num_samples: global samples per chunk "
+                                 "(default config.eval.batch)", flag_values=fv)
+            flags.DEFINE_enum("labels", "cyclic", ["cyclic", "random"], "with --num_samples: class of sample i "
+                              "(i mod classes, or uniform from the seed as ADM / DiT)", flag_values=fv)
+        if command == "eval":
+            flags.DEFINE_string("samples", None, "ADM suite: sample shards folder (flagdit sample --num_samples) "
+                                "or an .npz with arr_0", flag_values=fv)
+            flags.DEFINE_string("reference", None, "ADM suite: reference batch .npz (flagdit reference, or ADM's "
+                                "VIRTUAL_*.npz)", flag_values=fv)
+            flags.DEFINE_string("inception", None, "ADM suite: Inception-v3 weights (pytorch-fid's "
+                                "pt_inception-2015-12-05-6726825d.pth)", flag_values=fv)
         if command in ("encode", "export"):
             flags.DEFINE_bool("overwrite", False, "replace existing output", flag_values=fv)
         if command == "export":
@@ -221,7 +247,7 @@ def _run_config_command(command: str, argv: list[str]) -> int:
         return 0
     from flagdit_jax import train as train_lib
 
-    if command in ("train", "encode"):
+    if command in ("train", "encode") or (command == "sample" and fv.num_samples):
         train_lib.maybe_initialize_distributed()  # before anything asks jax for its devices
     try:
         train_lib.validate(config)
@@ -244,7 +270,15 @@ def _run_config_command(command: str, argv: list[str]) -> int:
     elif command == "sample":
         from flagdit_jax import sample
 
-        if fv.prompt:
+        if fv.num_samples:
+            from flagdit_jax.eval import sample_batch
+
+            if not fv.output:
+                raise SystemExit("error: --num_samples needs --output (the folder for the .npz shards)")
+            path = sample_batch.write_samples(config, fv.workdir, fv.num_samples, fv.output, batch=fv.batch,
+                                              labels=fv.labels)
+            print(f"wrote {path}")
+        elif fv.prompt:
             size = None
             if fv.size:
                 try:
@@ -258,7 +292,15 @@ def _run_config_command(command: str, argv: list[str]) -> int:
     else:
         from flagdit_jax import evaluate
 
-        evaluate.run(config, fv.workdir)
+        adm_flags = {"--samples": fv.samples, "--reference": fv.reference, "--inception": fv.inception}
+        if any(adm_flags.values()):
+            missing = [k for k, v in adm_flags.items() if not v]
+            if missing:
+                raise SystemExit(f"error: the ADM suite needs --samples, --reference and --inception; missing "
+                                 f"{', '.join(missing)}")
+            evaluate.run_adm(config, fv.samples, fv.reference, fv.inception)
+        else:
+            evaluate.run(config, fv.workdir)
     return 0
 
 
@@ -384,6 +426,16 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "extrapolate":
             a.add_argument("--sizes", type=_size, action="append", help="HxW sizes to try (repeat)")
         a.set_defaults(fn=_application)
+
+    r = sub.add_parser("reference", help="ADM-format reference batch (mu, sigma, mu_s, sigma_s + features) "
+                                         "from uint8 images")
+    r.add_argument("--images", required=True, help=".npz with arr_0 [N, H, W, 3] uint8 (ADM's VIRTUAL_*.npz, "
+                                                   "imagenet.reference_images crops) or a sample shards folder")
+    r.add_argument("--inception", required=True, help="Inception-v3 weights (pytorch-fid's .pth)")
+    r.add_argument("--output", required=True, help="the .npz to write")
+    r.add_argument("--keep-images", action="store_true", help="store the images too (arr_0)")
+    r.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    r.set_defaults(fn=_reference)
 
     p = sub.add_parser("presets", help="print the preset table")
     p.set_defaults(fn=_presets)

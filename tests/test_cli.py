@@ -102,3 +102,50 @@ def test_train_sample_eval_smoke(tmp_path):
     rep = json.loads((tmp_path / "run" / "eval_3.json").read_text())
     assert rep["generated"]["n"] == 20 and np.isfinite(rep["generated"]["fid"])
     assert {"real_floor", "noise", "class_mean"} <= set(rep["baselines"])
+
+
+@pytest.mark.slow
+def test_adm_suite_from_the_command_line(tmp_path, monkeypatch):
+    """`flagdit sample --num_samples` -> `flagdit reference` -> `flagdit eval --samples --reference --inception`
+    on a tiny run and a random Inception-v3 weights file: the reference made from the samples themselves gives
+    FID = sFID ~ 0 and precision = recall = 1."""
+    from flagdit_jax.eval import adm, inception
+
+    rng = np.random.default_rng(0)
+    weights = {}
+    for key, shape in inception.expected_shapes().items():
+        if key.endswith("running_var"):
+            weights[key] = rng.uniform(0.5, 1.5, shape)
+        elif key.endswith(("running_mean", "bias")):
+            weights[key] = rng.normal(0, 0.1, shape)
+        elif len(shape) == 1:  # BN scale
+            weights[key] = rng.uniform(0.8, 1.2, shape)
+        else:
+            weights[key] = rng.normal(0, 1 / np.sqrt(np.prod(shape[1:])), shape)
+    np.savez(tmp_path / "inception.npz", **{k: v.astype(np.float32) for k, v in weights.items()})
+    # The eigen route of the Fréchet distance (same value as scipy's sqrtm, checked in test_fid): a 2048-wide
+    # sqrtm takes minutes on 2 cores.
+    real = adm.evaluate
+    monkeypatch.setattr(adm, "evaluate", lambda *a, **k: real(*a, **dict(k, fid_method="eigh")))
+
+    cfg = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "default.py")
+    wd, out = str(tmp_path / "run"), str(tmp_path / "samples")
+    assert cli.main(["train", "--config", cfg, "--workdir", wd, "--config.total_steps=2",
+                     "--config.model.dim=32", "--config.model.n_layers=1"]) == 0
+    assert cli.main(["sample", "--workdir", wd, "--num_samples=16", "--batch=8", f"--output={out}",
+                     "--config.sample.num_steps=2"]) == 0
+    ref = str(tmp_path / "ref.npz")
+    assert cli.main(["reference", "--images", out, "--inception", str(tmp_path / "inception.npz"),
+                     "--output", ref]) == 0
+    with pytest.raises(SystemExit, match="missing --inception"):
+        cli.main(["eval", "--workdir", wd, f"--samples={out}", f"--reference={ref}"])
+    assert cli.main(["eval", "--workdir", wd, f"--samples={out}", f"--reference={ref}",
+                     f"--inception={tmp_path / 'inception.npz'}"]) == 0
+    rep = json.loads((tmp_path / "samples" / "adm_eval.json").read_text())
+    assert rep["num_samples"] == 16 and rep["fid"] < 1e-3 and rep["sfid"] < 1e-3
+    # Identical sets: P = R = 1 up to float32 round-off of |u|^2 - 2u.v + |v|^2 against k-NN radii, which is
+    # not negligible for these near-duplicate samples of a 2-step model (test_adm checks exact 1 on real spreads).
+    pool = adm.read_reference(ref).pool
+    assert (rep["precision"], rep["recall"]) == adm.precision_recall(pool, pool)
+    assert min(rep["precision"], rep["recall"]) >= 0.9 and rep["is"] >= 1.0
+    assert rep["is"] == pytest.approx(adm.inception_score(adm.read_reference(ref).logits_unbiased), rel=1e-6)
