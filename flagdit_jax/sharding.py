@@ -26,7 +26,7 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("heads_gate", "tensor"),
     ("qkv", "tensor"),
     ("mod", "tensor"),
-    ("cond", None),
+    ("cond", "fsdp"),  # adaLN / embedder inputs: replicated they are a quarter of Flag-DiT under FSDP (paper_configs)
     ("cond_hidden", None),
     ("freq", None),
     ("vocab", None),
