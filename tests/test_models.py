@@ -119,7 +119,8 @@ def test_padding_never_changes_real_tokens(t2i):
     np.testing.assert_allclose(run([a, b], params, prop)[0], run([a, b], other_pad, prop)[0], atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["flagdit-tiny", pytest.param("lumina-t2i-tiny", marks=pytest.mark.slow), "dit-tiny"])
+@pytest.mark.parametrize("name", ["flagdit-tiny", pytest.param("lumina-t2i-tiny", marks=pytest.mark.slow),
+                                  pytest.param("dit-tiny", marks=pytest.mark.slow)])
 def test_zero_init_identity_blocks_and_zero_output(name):
     cfg = registry.get_config(name)
     model = registry.build(cfg)

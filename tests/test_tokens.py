@@ -10,6 +10,7 @@ from flagdit_jax import tokens as tok
 dims = st.integers(1, 4)
 
 
+@pytest.mark.slow  # the default suite's 8-minute budget; test_round_trip_batch covers the batch form
 @settings(max_examples=4, deadline=None)
 @given(
     sizes=st.lists(st.tuples(st.integers(1, 3), dims, dims), min_size=1, max_size=3),
