@@ -86,7 +86,8 @@ def _runs(spec: str) -> list[Run]:
     return [Run.parse(n) for n in spec.split()]
 
 
-# The arms of each twin: label -> runs (seeds averaged).
+# The arms of each twin: label -> runs (seeds averaged). Seeds are what one 3-hour session on 2 shared cores
+# could train (about 20 min per run with its scoring); add `-s1`, `-s2` runs to an arm to average more.
 TWINS = {
     "a": {"title": "Model size vs convergence (Flag-DiT, logit-normal t)",
           "claim": "a bigger Flag-DiT reaches a lower FID at every step (Lumina-T2X scaling curves)",
@@ -95,11 +96,10 @@ TWINS = {
                    "Flag-DiT L (dim 192, 6 layers)": _runs("flag_l-lognorm-s0")}},
     "b": {"title": "Flag-DiT vs DiT vs SiT, equal steps and data",
           "claim": "Flag-DiT beats the DiT and SiT baselines at equal training steps (Lumina-T2X ImageNet table)",
-          # One seed for the baselines (the 2-core budget; their gap to Flag-DiT is far above seed noise).
           "arms": {"DiT (APE, adaLN-Zero; VP noise-prediction)": _runs("dit-vp_noise-s0"),
                    "SiT (DiT backbone; linear flow, uniform t)": _runs("dit-uniform-s0"),
-                   "Flag-DiT, uniform t (backbone only)": _runs("flag-uniform-s0 flag-uniform-s1"),
-                   "Flag-DiT (logit-normal t)": _runs("flag-lognorm-s0 flag-lognorm-s1")}},
+                   "Flag-DiT, uniform t (backbone only)": _runs("flag-uniform-s0"),
+                   "Flag-DiT (logit-normal t)": _runs("flag-lognorm-s0")}},
     "c": {"title": "Position embedding at unseen resolutions (trained at 32x32)",
           "claim": "RoPE + [nextline] keeps working at unseen resolutions where APE fails",
           "arms": {"APE (SiT backbone)": _runs("dit-uniform-s0"),
@@ -108,14 +108,14 @@ TWINS = {
                    "2-D RoPE (Next-DiT)": _runs("next-lognorm-s0")}},
     "d": {"title": "Logit-normal vs uniform time sampling (Flag-DiT)",
           "claim": "logit-normal t sampling converges faster than uniform (Lumina-T2X / SD3)",
-          "arms": {"uniform t": _runs("flag-uniform-s0 flag-uniform-s1"),
-                   "logit-normal t": _runs("flag-lognorm-s0 flag-lognorm-s1")}},
+          "arms": {"uniform t": _runs("flag-uniform-s0"),
+                   "logit-normal t": _runs("flag-lognorm-s0")}},
     "e": {"title": "ODE vs SDE samplers: FID vs NFE (Flag-DiT M, final EMA)",
           "claim": "higher-order ODE solvers reach a given FID at far fewer NFE than Euler or the SDE",
           "arms": {"Flag-DiT M": _runs("flag-lognorm-s0")}},
     "f": {"title": "Next-DiT vs Flag-DiT, equal steps",
           "claim": "Next-DiT converges faster than Flag-DiT (Lumina-Next)",
-          "arms": {"Flag-DiT": _runs("flag-lognorm-s0 flag-lognorm-s1"),
+          "arms": {"Flag-DiT": _runs("flag-lognorm-s0"),
                    "Next-DiT": _runs("next-lognorm-s0 next-lognorm-s1")}},
 }
 SIDES = (32, 48, 64)  # twin c: the training size, then unseen sizes (2.25x and 4x the tokens)

@@ -63,10 +63,10 @@ def test_commands_print_one_line_per_run_then_the_report(twins, capsys):
     assert all(ln.endswith("--root /scratch/tw --steps 500") for ln in lines[:-1])
 
 
-def _fake_run(root, name, fids, seconds=10.0):
+def _fake_run(root, name, fids, seconds=10.0, steps=(250, 500, 750, 1000)):
     d = root / "runs" / name
     d.mkdir(parents=True)
-    curve = [dict(step=s, fid=f, accuracy=0.5) for s, f in zip((250, 500, 750, 1000), fids)]
+    curve = [dict(step=s, fid=f, accuracy=0.5) for s, f in zip(steps, fids)]
     rec = dict(run=name, steps=1000, params=123456, curve=curve, train_seconds=seconds, eval_seconds=1.0,
                sampler=dict(method="heun", num_steps=20, cfg_scale=2.3))
     (d / "twin.json").write_text(json.dumps(rec))
@@ -74,17 +74,21 @@ def _fake_run(root, name, fids, seconds=10.0):
 
 def test_curve_report_averages_seeds_and_writes_table_and_plot(twins, tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
-    _fake_run(tmp_path, "flag-uniform-s0", [40, 30, 20, 10])
-    _fake_run(tmp_path, "flag-uniform-s1", [44, 34, 24, 14])
-    _fake_run(tmp_path, "flag-lognorm-s0", [30, 20, 10, 5])
-    _fake_run(tmp_path, "flag-lognorm-s1", [32, 22, 12, 7])
+    _fake_run(tmp_path, "flag-lognorm-s0", [40, 30, 20, 10])
+    _fake_run(tmp_path, "next-lognorm-s0", [30, 20, 10, 5])
+    _fake_run(tmp_path, "next-lognorm-s1", [32, 22, 12, 7])
     monkeypatch.setattr(twins, "real_floor", lambda root: {"fid": 1.0, "accuracy": 0.99})
-    data = twins.report("d", tmp_path, tmp_path / "out", command="cmd")
-    fid = np.asarray(data["arms"]["uniform t"]["fid"])
-    assert fid.shape == (2, 4) and fid[:, -1].mean() == 12
-    md = (tmp_path / "out" / "twin_d.md").read_text()
-    assert "| logit-normal t | 0.12M | 2 | 31.00 ± 1.41 |" in md  # mean ± sample sd of (30, 32)
+    data = twins.report("f", tmp_path, tmp_path / "out", command="cmd")
+    fid = np.asarray(data["arms"]["Next-DiT"]["fid"])
+    assert fid.shape == (2, 4) and fid[:, -1].mean() == 6
+    md = (tmp_path / "out" / "twin_f.md").read_text()
+    assert "| Next-DiT | 0.12M | 2 | 31.00 ± 1.41 |" in md  # mean ± sample sd of (30, 32)
+    assert "| Flag-DiT | 0.12M | 1 | 40.00 |" in md
     assert "cmd" in md and "wall time" in md
-    assert (tmp_path / "out" / "twin_d.png").stat().st_size > 1000
+    assert (tmp_path / "out" / "twin_f.png").stat().st_size > 1000
+    # Runs that scored different checkpoints are compared at the steps they share.
+    _fake_run(tmp_path, "flag-uniform-s0", [50, 25], steps=(500, 1000))
+    d = twins.report("d", tmp_path, tmp_path / "out")
+    assert d["arms"]["logit-normal t"]["steps"] == [500, 1000] and d["arms"]["logit-normal t"]["fid"] == [[30, 10]]
     with pytest.raises(FileNotFoundError, match="flag_s-lognorm-s0"):
         twins.report("a", tmp_path, tmp_path / "out")
