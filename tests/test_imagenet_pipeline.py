@@ -6,7 +6,6 @@ import io
 import json
 import os
 
-import jax
 import numpy as np
 import pytest
 from PIL import Image
