@@ -305,10 +305,11 @@ NOTES = """Notes:
 - Related runs: experiments/results/paper_configs_t2i_micro.md (the T2I stages at the reference's
   micro batches 16 / 8 / 2 per device on 8 devices, grad_accum_steps 4 / 8 / 32),
   paper_configs_t2i1024_accum4.md (1024 px on 64 devices, micro batch 2), paper_configs_cond_fsdp.md
-  (the rule ('cond', 'fsdp'): adaLN kernels sharded too), paper_configs_per_layer.md.
-- state / even split above 1.00x: parameters whose logical axes the rules table does not map to the
-  fsdp axis (the adaLN modulation kernels' input axis, the embedders) are replicated on every device
-  (DiT / SiT: data parallel, everything replicated by design, as DDP).
+  (the ('cond', 'fsdp') rule measured before it became the default; those two side runs predate it),
+  paper_configs_per_layer.md.
+- state / even split: the few small parameters with no fsdp-mapped axis (norm scales, biases,
+  embedder tails) are replicated, hence 1.01-1.03x on 64 devices; DiT / SiT are data parallel, every
+  parameter replicated by design, as DDP.
 """
 
 
