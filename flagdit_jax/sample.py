@@ -55,17 +55,18 @@ def load_params(config, workdir: str | pathlib.Path, *, use_ema: bool = True):
                   f"{checkpoint._first_line(errors[0])})") from errors[0]
 
 
-def make_generator(s: "train.Setup", n: int, shape: tuple[int, int, int] | None = None, *, method: str,
-                   num_steps: int, cfg_scale: float, cfg_channels: int | None = None, shift: float = 1.0):
-    """Jitted `generate(params, cond, key) -> frames [n, T, H, W, C]` for latent size `shape`.
+def make_solver(s: "train.Setup", n: int, shape: tuple[int, int, int] | None = None, *, method: str,
+                num_steps: int, cfg_scale: float, cfg_channels: int | None = None, shift: float = 1.0):
+    """`(solve, state_shape)`: traceable `solve(params, cond, x0, sde_key) -> frames [n, T, H, W, C]` from
+    the initial noise `x0` (`state_shape` = [n, L, p*p, C], channels last), and the shape `x0` must have.
 
     `cond` is the task's condition for n samples (`{'label': [n]}` or `{'cap_feats': [n, S, D],
     'cap_mask': [n, S]}`); guidance pairs it with the task's null condition. `shape` (T, H, W)
     defaults to one `config.data.image_size` square frame. cfg_channels=None guides every channel;
     3 is the reference's first-3-latent-channel CFG (REFERENCE.md §4); shift > 1 puts more of the
     steps near the noise end (time shifting). method 'sde' is SiT's Euler–Maruyama sampler on the
-    training path (`s.config.sample` may set diffusion_form / diffusion_norm / last_step). The state
-    is kept as [n, L, p*p, C] so that the channel axis is last.
+    training path (`s.config.sample` may set diffusion_form / diffusion_norm / last_step). A noise /
+    score model is sampled through its velocity, on SiT's sampling interval.
     """
     cfg, task = s.model_cfg, s.task
     if shape is None:
@@ -74,13 +75,10 @@ def make_generator(s: "train.Setup", n: int, shape: tuple[int, int, int] | None 
     layout = tok.pack_for(cfg, zeros)
     pair = tok.pack_for(cfg, jnp.concatenate([zeros, zeros]))
     state_shape = layout.tokens.shape[:2] + (cfg.patch_size ** 2, cfg.in_channels)
-
-    # A noise / score model is sampled through its velocity, on SiT's sampling interval.
     path, prediction = paths.get_path(s.config.flow.path), s.config.flow.get("prediction", "velocity")
     t0, t1 = losses.sample_interval(path, prediction)
 
-    @jax.jit
-    def generate(params, cond, key):
+    def solve(params, cond, x0, sde_key):
         def model_fn(x, t, c):
             tokens = x.reshape(x.shape[:2] + (-1,))
             out = s.model.apply({"params": params}, pair.replace(tokens=tokens), t,
@@ -88,16 +86,29 @@ def make_generator(s: "train.Setup", n: int, shape: tuple[int, int, int] | None 
             return losses.to_velocity(out, x, t, path, prediction)
 
         v = samplers.guided_velocity_fn(model_fn, cond, task.null_cond(n), cfg_scale, channels=cfg_channels)
-        k_init, k_sde = jax.random.split(key)
-        x0 = jax.random.normal(k_init, state_shape)
         if method == "sde":
             sc = s.config.sample
-            x1 = samplers.sample_sde(v, x0, k_sde, num_steps=num_steps, path=path, t0=t0,
+            x1 = samplers.sample_sde(v, x0, sde_key, num_steps=num_steps, path=path, t0=t0,
                                      diffusion_form=sc.get("diffusion_form", "sigma"),
                                      diffusion_norm=sc.get("diffusion_norm", 1.0), last_step=sc.get("last_step", "Mean"))
         else:
             x1 = samplers.sample_ode(v, x0, method=method, num_steps=num_steps, shift=shift, t0=t0, t1=t1)
         return tok.unpack(x1.reshape(layout.tokens.shape), layout)
+
+    return solve, state_shape
+
+
+def make_generator(s: "train.Setup", n: int, shape: tuple[int, int, int] | None = None, *, method: str,
+                   num_steps: int, cfg_scale: float, cfg_channels: int | None = None, shift: float = 1.0):
+    """Jitted `generate(params, cond, key) -> frames [n, T, H, W, C]` for latent size `shape`: `make_solver`
+    from noise drawn with `key` (arguments as there)."""
+    solve, state_shape = make_solver(s, n, shape, method=method, num_steps=num_steps, cfg_scale=cfg_scale,
+                                     cfg_channels=cfg_channels, shift=shift)
+
+    @jax.jit
+    def generate(params, cond, key):
+        k_init, k_sde = jax.random.split(key)
+        return solve(params, cond, jax.random.normal(k_init, state_shape), k_sde)
 
     return generate
 

@@ -29,9 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from flagdit_jax import sample, tasks, tokens as tok
+from flagdit_jax import sample, tasks
 from flagdit_jax.eval import adm
-from flagdit_jax.flow import paths, samplers
 
 LABELS = ("cyclic", "random")
 
@@ -45,44 +44,25 @@ def make_chunk_sampler(s, batch: int, *, seed: int, method: str, num_steps: int,
     """Jitted `run(params, idx) -> (frames [B, 1, H, W, C] in [-1, 1] (latents when the run has a VAE),
     labels [B])` for global sample indices `idx` int32 [B] (sharded over the batch axes of `s.mesh`).
 
-    As `sample.make_generator` (CFG on the doubled batch, one jitted sampler) but with the noise and the
-    label of each sample a function of its index alone.
+    `sample.make_solver` (the sampler `flagdit sample` uses) with the noise and the label of each sample a
+    function of its index alone.
     """
     if labels not in LABELS:
         raise ValueError(f"labels must be one of {LABELS}, got {labels!r}")
-    cfg, task = s.model_cfg, s.task
-    size = s.config.data.image_size
-    zeros = jnp.zeros((batch, 1, size, size, cfg.in_channels))
-    layout = tok.pack_for(cfg, zeros)
-    pair = tok.pack_for(cfg, jnp.concatenate([zeros, zeros]))
-    state_shape = layout.tokens.shape[:2] + (cfg.patch_size ** 2, cfg.in_channels)
+    cfg = s.model_cfg
+    solve, state_shape = sample.make_solver(s, batch, method=method, num_steps=num_steps, cfg_scale=cfg_scale,
+                                            cfg_channels=cfg_channels, shift=shift)
     k_noise, k_label, k_sde = jax.random.split(jax.random.key(seed), 3)
     out_sharding = NamedSharding(s.mesh, P(("data", "fsdp")))
 
     def run(params, idx):
-        def model_fn(x, t, c):
-            tokens = x.reshape(x.shape[:2] + (-1,))
-            return s.model.apply({"params": params}, pair.replace(tokens=tokens), t,
-                                 **task.model_kwargs(c)).reshape(x.shape)
-
         if labels == "cyclic":
             label = idx % cfg.num_classes
         else:
             label = jax.vmap(lambda i: jax.random.randint(jax.random.fold_in(k_label, i), (), 0, cfg.num_classes))(idx)
         label = label.astype(jnp.int32)
         x0 = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(k_noise, i), state_shape[1:]))(idx)
-        v = samplers.guided_velocity_fn(model_fn, {"label": label}, task.null_cond(batch), cfg_scale,
-                                        channels=cfg_channels)
-        if method == "sde":
-            sc = s.config.sample
-            x1 = samplers.sample_sde(v, x0, jax.random.fold_in(k_sde, idx[0]), num_steps=num_steps,
-                                     path=paths.get_path(s.config.flow.path),
-                                     diffusion_form=sc.get("diffusion_form", "sigma"),
-                                     diffusion_norm=sc.get("diffusion_norm", 1.0),
-                                     last_step=sc.get("last_step", "Mean"))
-        else:
-            x1 = samplers.sample_ode(v, x0, method=method, num_steps=num_steps, shift=shift)
-        return tok.unpack(x1.reshape(layout.tokens.shape), layout), label
+        return solve(params, {"label": label}, x0, jax.random.fold_in(k_sde, idx[0])), label
 
     return jax.jit(run, out_shardings=(out_sharding, out_sharding))
 
