@@ -120,8 +120,8 @@ def test_script_end_to_end_resumes(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["dit", "sit"])
 def test_baseline_configs_train_on_latents(tmp_path, name):
-    """`flagdit train` runs configs/imagenet/{dit,sit}.py on ArrayRecord latents (tiny override); the
-    SiT run also samples (the DiT run's noise prediction is not yet converted by `flagdit sample`)."""
+    """`flagdit train` runs configs/imagenet/{dit,sit}.py on ArrayRecord latents (tiny override), and
+    `flagdit sample` samples both (DiT's noise prediction through its velocity on the VP path)."""
     from flagdit_jax.data import latents
 
     rng = np.random.default_rng(0)
@@ -138,11 +138,10 @@ def test_baseline_configs_train_on_latents(tmp_path, name):
                                 str(tmp_path / "w"), *small], capture_output=True, text=True, cwd=ROOT)
     assert run.returncode == 0, run.stderr[-3000:]
     assert (tmp_path / "w" / "checkpoints" / "2").exists()
-    if name == "sit":
-        run = subprocess.run(cli + ["sample", "--workdir", str(tmp_path / "w")], capture_output=True, text=True,
-                             cwd=ROOT)
-        assert run.returncode == 0, run.stderr[-3000:]
-        assert np.isfinite(np.load(tmp_path / "w" / "samples_2.npz")["latents"]).all()
+    run = subprocess.run(cli + ["sample", "--workdir", str(tmp_path / "w")], capture_output=True, text=True,
+                         cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert np.isfinite(np.load(tmp_path / "w" / "samples_2.npz")["latents"]).all()
 
 
 def test_driver_keeps_an_interrupted_workers_rows(tmp_path, monkeypatch):

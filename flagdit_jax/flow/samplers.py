@@ -475,7 +475,10 @@ def sample_sde(
         raise ValueError(f"t0 must satisfy 0 <= t0 < 1 - last_step_size = {t1}, got {t0!r}")
     # SBDM's w = (d_alpha/alpha) sigma^2 - sigma d_sigma is infinite at t=0 where alpha(0)=0
     # (linear: (1-t)/t; GVP) but finite for VP (beta/2), which official SiT runs from t0=0.
-    if form == "SBDM" and not np.isfinite(float(path.sbdm_diffusion(float(t0)))):
+    if form == "SBDM":
+        with jax.ensure_compile_time_eval():  # a concrete check, also when sample_sde is traced inside jit
+            w0 = float(path.sbdm_diffusion(float(t0)))
+    if form == "SBDM" and not np.isfinite(w0):
         raise ValueError(f"diffusion_form='SBDM' is singular at t0={t0!r} for the {path.name} path "
                          "(w = (1-t)/t for the linear path); pass t0 > 0, e.g. t0=1e-3 as SiT's "
                          "sample_eps")
