@@ -21,9 +21,18 @@ import numpy as np
 from flagdit_jax import sample
 
 
+# The embedded modalities' own checks (issue 14): data name -> module with `run(config, workdir) -> dict`.
+MODALITY_EVALS = {"moving_mnist": "flagdit_jax.eval.video_eval", "multiview": "flagdit_jax.eval.multiview_eval",
+                  "sounds": "flagdit_jax.eval.audio_eval"}
+
+
 def run(config, workdir: str | pathlib.Path) -> dict:
     if config.data.name == "encoded" and config.get("encode") and config.encode.source == "mnist_t2i":
         return run_layout(config, workdir)
+    if config.data.name in MODALITY_EVALS:
+        import importlib
+
+        return importlib.import_module(MODALITY_EVALS[config.data.name]).run(config, workdir)
     if config.data.name != "mnist":
         raise ValueError(f"flagdit eval supports the embedded runs (config.data.name='mnist', or 'encoded' from "
                          f"'mnist_t2i'); got {config.data.name!r} (ImageNet FID needs the user's Inception weights)")

@@ -193,6 +193,8 @@ def sample_grid(config, workdir: str | pathlib.Path, out: str | pathlib.Path | N
             path = path.with_suffix(".npz")
             np.savez(path, latents=frames, records=rows)
         written.append(path)
+        if hasattr(source, "save_media"):  # the modality's own form: GIF clips, WAV sounds
+            written += source.save_media(path.with_suffix(""), frames)
         print(f"wrote {path} ({n} samples of latent size {shape}; step {step}, {what})")
     return written
 

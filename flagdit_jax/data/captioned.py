@@ -17,10 +17,11 @@ from __future__ import annotations
 import numpy as np
 
 from flagdit_jax.data import mnist
+from flagdit_jax.data.words import WordCaptions
 
 # (T, H, W): square, wide, tall, and a two-frame clip; 4 shapes with 3 token lengths at patch 4.
 DEFAULT_SHAPES = ((1, 32, 32), (1, 32, 48), (1, 48, 32), (2, 32, 32))
-_WORDS = ("<bos>", "a", *[f"digit_{d}" for d in range(10)], "wide", "tall", "clip", "left", "middle", "right",
+_WORDS = ("a", *[f"digit_{d}" for d in range(10)], "wide", "tall", "clip", "left", "middle", "right",
           "top", "bottom")
 
 
@@ -39,8 +40,8 @@ class CaptionedMnistSource:
             raise ValueError(f"cap_len={cap_len} must be >= 5 (the longest caption) and cap_dim={cap_dim} positive")
         self.split, self.shapes, self.cap_len, self.cap_dim = split, shapes, cap_len, cap_dim
         self.images, self.labels = mnist.load_split(split)
-        rng = np.random.default_rng(embed_seed)
-        self.words = {w: rng.standard_normal(cap_dim).astype(np.float32) for w in _WORDS}
+        self.captions = WordCaptions(_WORDS, cap_dim=cap_dim, cap_len=cap_len, embed_seed=embed_seed)
+        self.words = self.captions.table
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -48,14 +49,8 @@ class CaptionedMnistSource:
     def frame_shapes(self) -> np.ndarray:
         return np.array([self.shapes[i % len(self.shapes)] for i in range(len(self))], np.int64)
 
-    def _caption(self, words: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        feats = np.zeros((self.cap_len, self.cap_dim), np.float32)
-        feats[: len(words)] = np.stack([self.words[w] for w in words])
-        return feats, np.arange(self.cap_len) < len(words)
-
     def null_caption(self) -> dict[str, np.ndarray]:
-        feats, mask = self._caption(["<bos>"])
-        return {"cap_feats": feats, "cap_mask": mask}
+        return self.captions.null()
 
     def layout(self, index: int) -> tuple[tuple[int, int, int], int]:
         """(T, H, W) of record `index` and the digit's place (0, 1, 2 along the long side)."""
@@ -80,7 +75,7 @@ class CaptionedMnistSource:
         x0 = (w - s) * place // 2 if w > h else (w - s) // 2
         frames = np.full((t, h, w, 1), -1.0, np.float32)
         frames[:, y0:y0 + s, x0:x0 + s] = self.images[index]
-        feats, mask = self._caption(self.caption_words(index))
+        feats, mask = self.captions.encode(self.caption_words(index))
         return {"frames": frames, "cap_feats": feats, "cap_mask": mask, "label": self.labels[index]}
 
     def __repr__(self) -> str:

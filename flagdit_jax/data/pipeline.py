@@ -33,10 +33,18 @@ import numpy as np
 
 import grain
 
-SOURCES = ("mnist", "mnist_captions", "imagenet", "latents", "mnist_t2i", "image_text", "encoded")
+# The embedded modalities (issue 14): name -> (module, class). Each is a captioned source made by code:
+# elements {'frames' [T, H, W, C], 'cap_feats', 'cap_mask', ...}, `null_caption()`, `frame_shapes()`; a
+# `save_media(stem, frames) -> [paths]` (GIF / WAV beside the PNG strip) and an eval module (evaluate.py).
+MODALITY_SOURCES = {
+    "moving_mnist": ("flagdit_jax.data.moving_mnist", "MovingMnistSource"),  # text-to-video
+    "multiview": ("flagdit_jax.data.multiview", "MultiViewSource"),          # text-to-multi-view
+    "sounds": ("flagdit_jax.data.sounds", "SoundSource"),                    # text-to-audio spectrograms
+}
+SOURCES = ("mnist", "mnist_captions", "imagenet", "latents", "mnist_t2i", "image_text", "encoded", *MODALITY_SOURCES)
 # Sources whose elements carry caption embeddings + masks and that give null_caption() (the caption task).
 # 'mnist_t2i' and 'image_text' are raw (pixels + text): `encoded.encode_dataset` turns them into 'encoded'.
-CAPTIONED_SOURCES = ("mnist_captions", "encoded")
+CAPTIONED_SOURCES = ("mnist_captions", "encoded", *MODALITY_SOURCES)
 
 
 def get_source(name: str, split: str = "train", **kwargs):
@@ -47,7 +55,7 @@ def get_source(name: str, split: str = "train", **kwargs):
 
     'latents' and 'encoded' take `path_prefix=` (as given to `write_latents` / `encode_dataset`) or
     `data_dir=` (files `{data_dir}/{split}-NNNNN-of-NNNNN.array_record`), plus `scale=` ('latents')
-    or `cap_len=` ('encoded').
+    or `cap_len=` ('encoded'). The embedded modalities (`MODALITY_SOURCES`) take their class's kwargs.
     """
     if name == "mnist":
         from flagdit_jax.data.mnist import MnistSource
@@ -59,6 +67,11 @@ def get_source(name: str, split: str = "train", **kwargs):
         from flagdit_jax.data.captioned import CaptionedMnistSource
 
         return CaptionedMnistSource(split, **kwargs)
+    if name in MODALITY_SOURCES:
+        import importlib
+
+        module, cls = MODALITY_SOURCES[name]
+        return getattr(importlib.import_module(module), cls)(split, **kwargs)
     if name == "imagenet":
         from flagdit_jax.data.imagenet import ImageNetSource
 
