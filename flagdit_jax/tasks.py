@@ -22,7 +22,15 @@ Tasks:
     trainers replace the caption by "" with probability 0.1 (LT `lumina_t2i/train.py`,
     `lumina_next_t2i/train.py`; REFERENCE.md: the null caption is the encoder's output of "", not zeros).
 
-Loss mask (both): only patch tokens count; [nextline], [nextframe] and [PAD] never contribute, and
+  * 'joint': UniDiffuser-style joint flow matching (`models/joint.py`, REFERENCE.md §8). Elements
+    carry 'text' `[S, D]` (a second modality of continuous tokens) beside the frames; each modality
+    gets its own noise and its own time, drawn independently from the time sampler, and the loss is
+    the sum of the two modalities' flow-matching losses (UniDiffuser sums its two MSEs). No condition
+    is ever dropped: guidance uses the model's own marginal (`sample_joint.py`).
+  * 'unconditional': no condition at all (a one-class model, the label always 0, never dropped):
+    the unconditional baseline the joint model's marginal is compared with.
+
+Loss mask (all): only patch tokens count; [nextline], [nextframe] and [PAD] never contribute, and
 each sample is averaged over its own real tokens (the official `training_losses` over a list of
 variable-size images: equal weight per image).
 """
@@ -39,7 +47,7 @@ import numpy as np
 from flagdit_jax import tokens as tok
 from flagdit_jax.flow import losses, paths, timesteps
 
-TASKS = ("class_label", "caption")
+TASKS = ("class_label", "caption", "joint", "unconditional")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -164,9 +172,79 @@ class Caption(FlowTask):
                 "cap_mask": jnp.broadcast_to(jnp.asarray(self.null_mask, bool), (b, s))}
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class Unconditional(ClassLabel):
+    """No condition: a one-class model whose label is always 0 and never dropped (its 'null' is the same)."""
+
+    num_classes: int = 1
+    dropout: float = 0.0
+
+    def collate(self, elements):
+        return {"label": np.zeros((len(elements),), np.int32)}
+
+    def null_cond(self, b):
+        return {"label": jnp.zeros((b,), jnp.int32)}
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Joint(FlowTask):
+    """Image + text tokens, one time per modality (`models/joint.py`). Elements carry 'text' `[S, D]`.
+
+    `draw` adds the text noise 'x0_text' `[B, S, D]` and time 't_text' `[B]` (independent of the
+    image's 't'); `loss` = per-sample image loss over patch tokens + text loss, averaged over the batch.
+    `model_kwargs(cond)` is the text-conditional use (text clean at t_text = 1); the other modes live in
+    `sample_joint.py`.
+    """
+
+    text_shape: tuple[int, int] = (2, 16)
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        if self.prediction != "velocity":
+            raise ValueError(f"the joint task predicts velocities; got flow.prediction={self.prediction!r}")
+
+    def collate(self, elements):
+        text = np.stack([np.asarray(e["text"], np.float32) for e in elements])
+        if text.shape[1:] != tuple(self.text_shape):
+            raise ValueError(f"text tokens {text.shape} do not fit the joint model's [S, D]={tuple(self.text_shape)}")
+        return {"text": text}
+
+    def example_cond(self, b):
+        return {"text": jnp.zeros((b, *self.text_shape))}
+
+    def draw(self, key, packed, cond):
+        b = packed.tokens.shape[0]
+        k_noise, k_text, k_t, k_tt = jax.random.split(key, 4)
+        t0, t1 = losses.train_interval(self.path, self.prediction)
+        sampler = timesteps.get_time_sampler(self.time_sampler)
+        return {"x0": jax.random.normal(k_noise, packed.tokens.shape, packed.tokens.dtype),
+                "x0_text": jax.random.normal(k_text, cond["text"].shape, cond["text"].dtype),
+                "t": t0 + (t1 - t0) * sampler(k_t, b), "t_text": t0 + (t1 - t0) * sampler(k_tt, b)}
+
+    def loss(self, apply, packed, cond, draws):
+        x_img, u_img = self.path.interpolate(draws["x0"], packed.tokens, draws["t"])
+        x_txt, u_txt = self.path.interpolate(draws["x0_text"], cond["text"], draws["t_text"])
+        v_img, v_txt = apply(packed.replace(tokens=x_img.astype(packed.tokens.dtype)), draws["t"],
+                             text=x_txt.astype(cond["text"].dtype), t_text=draws["t_text"])
+        m = self.loss_mask(packed).astype(jnp.float32)
+        err_img = jnp.sum((v_img - u_img.astype(jnp.float32)) ** 2, -1) / packed.tokens.shape[-1]  # [B, L]
+        per_img = jnp.sum(err_img * m, 1) / jnp.maximum(jnp.sum(m, 1), 1.0)
+        per_txt = jnp.mean((v_txt - u_txt.astype(jnp.float32)) ** 2, axis=(1, 2))
+        return jnp.mean(per_img + per_txt)
+
+    def model_kwargs(self, cond):
+        b = cond["text"].shape[0]
+        return {"text": cond["text"], "t_text": jnp.ones((b,), jnp.float32)}
+
+    def null_cond(self, b):
+        raise ValueError("the joint task has no null condition: guidance uses the model's marginal "
+                         "(flagdit_jax.sample_joint)")
+
+
 def task_name(config, model_cfg) -> str:
     """`config.task`, or the model's own kind of condition when the config does not say."""
-    name = config.get("task", None) or ("caption" if getattr(model_cfg, "cap_feat_dim", 0) else "class_label")
+    name = config.get("task", None) or ("joint" if getattr(model_cfg, "kind", "") == "joint" else
+                                        "caption" if getattr(model_cfg, "cap_feat_dim", 0) else "class_label")
     if name not in TASKS:
         raise ValueError(f"config.task={name!r}; expected one of {TASKS}")
     return name
@@ -178,6 +256,18 @@ def get_task(config, model_cfg, source=None) -> FlowTask:
     name = task_name(config, model_cfg)
     common = dict(path=paths.get_path(config.flow.path), time_sampler=config.flow.time_sampler,
                   prediction=config.flow.prediction)
+    if (name == "joint") != (getattr(model_cfg, "kind", "") == "joint"):
+        raise ValueError(f"config.task={name!r} with a {type(model_cfg).__name__}: the joint task needs the joint "
+                         f"model (preset 'joint-tiny' or a JointConfig) and the joint model needs the joint task")
+    if name == "joint":
+        return Joint(text_shape=(model_cfg.text_len, model_cfg.text_dim), **common)
+    if name == "unconditional":
+        if getattr(model_cfg, "num_classes", 0) != 1 or model_cfg.class_dropout_prob:
+            raise ValueError(f"config.task='unconditional' needs a one-class model without label dropout "
+                             f"(model.num_classes=1, model.class_dropout_prob=0), got num_classes="
+                             f"{getattr(model_cfg, 'num_classes', None)}, class_dropout_prob="
+                             f"{getattr(model_cfg, 'class_dropout_prob', None)}")
+        return Unconditional(**common)
     if name == "class_label":
         if not getattr(model_cfg, "num_classes", 0):
             raise ValueError("config.task='class_label' needs a class-conditional model (config.model.num_classes > 0)")

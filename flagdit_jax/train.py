@@ -139,6 +139,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if name == "caption" and config.data.name not in pipeline.CAPTIONED_SOURCES:
         raise ValueError(f"config.task='caption' needs captioned data; config.data.name={config.data.name!r} has none "
                          f"(expected one of {pipeline.CAPTIONED_SOURCES})")
+    if name == "joint" and config.data.name not in pipeline.JOINT_SOURCES:
+        raise ValueError(f"config.task='joint' needs paired data with 'text' tokens; config.data.name="
+                         f"{config.data.name!r} has none (expected one of {pipeline.JOINT_SOURCES})")
     if not 0.0 <= float(config.get("caption_dropout", 0.1)) < 1.0:
         raise ValueError(f"config.caption_dropout={config.caption_dropout} must be in [0, 1)")
     if config.data.channels != cfg.in_channels:

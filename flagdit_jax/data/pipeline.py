@@ -41,10 +41,13 @@ MODALITY_SOURCES = {
     "multiview": ("flagdit_jax.data.multiview", "MultiViewSource"),          # text-to-multi-view
     "sounds": ("flagdit_jax.data.sounds", "SoundSource"),                    # text-to-audio spectrograms
 }
-SOURCES = ("mnist", "mnist_captions", "imagenet", "latents", "mnist_t2i", "image_text", "encoded", *MODALITY_SOURCES)
+SOURCES = ("mnist", "mnist_captions", "imagenet", "latents", "mnist_t2i", "image_text", "encoded", "mnist_joint",
+           *MODALITY_SOURCES)
 # Sources whose elements carry caption embeddings + masks and that give null_caption() (the caption task).
 # 'mnist_t2i' and 'image_text' are raw (pixels + text): `encoded.encode_dataset` turns them into 'encoded'.
 CAPTIONED_SOURCES = ("mnist_captions", "encoded", *MODALITY_SOURCES)
+# Sources whose elements carry a second modality, 'text' [S, D] tokens (the joint task).
+JOINT_SOURCES = ("mnist_joint",)
 
 
 def get_source(name: str, split: str = "train", **kwargs):
@@ -55,7 +58,8 @@ def get_source(name: str, split: str = "train", **kwargs):
 
     'latents' and 'encoded' take `path_prefix=` (as given to `write_latents` / `encode_dataset`) or
     `data_dir=` (files `{data_dir}/{split}-NNNNN-of-NNNNN.array_record`), plus `scale=` ('latents')
-    or `cap_len=` ('encoded'). The embedded modalities (`MODALITY_SOURCES`) take their class's kwargs.
+    or `cap_len=` ('encoded'). 'mnist_joint': digits + text tokens for the joint model (`JointMnistSource`
+    kwargs: text_dim). The embedded modalities (`MODALITY_SOURCES`) take their class's kwargs.
     """
     if name == "mnist":
         from flagdit_jax.data.mnist import MnistSource
@@ -67,6 +71,10 @@ def get_source(name: str, split: str = "train", **kwargs):
         from flagdit_jax.data.captioned import CaptionedMnistSource
 
         return CaptionedMnistSource(split, **kwargs)
+    if name == "mnist_joint":
+        from flagdit_jax.data.joint_mnist import JointMnistSource
+
+        return JointMnistSource(split, **kwargs)
     if name in MODALITY_SOURCES:
         import importlib
 

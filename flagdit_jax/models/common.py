@@ -43,6 +43,8 @@ class ModelConfig:
     and add their checks in `_check` (called once, from `__post_init__`)."""
 
     kind: ClassVar[str] = ""
+    # False for a model whose only condition is its inputs (the joint model: another modality).
+    conditioned: ClassVar[bool] = True
 
     dim: int = 64
     n_layers: int = 2
@@ -78,7 +80,8 @@ class ModelConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.dim % self.n_heads:
             raise ValueError(f"n_heads={self.n_heads} must divide dim={self.dim}")
-        if self.num_classes < 0 or self.cap_feat_dim < 0 or (self.num_classes > 0) == (self.cap_feat_dim > 0):
+        if self.num_classes < 0 or self.cap_feat_dim < 0 or (
+                self.conditioned and (self.num_classes > 0) == (self.cap_feat_dim > 0)):
             raise ValueError(
                 f"exactly one of num_classes={self.num_classes} (class-conditional) and "
                 f"cap_feat_dim={self.cap_feat_dim} (text-conditional) must be > 0"

@@ -129,9 +129,12 @@ class LayerNorm(nn.Module):
 
 
 def modulate(x: jax.Array, shift: jax.Array | None, scale: jax.Array) -> jax.Array:
-    """adaLN: x * (1 + scale) + shift, with `[B, D]` modulation broadcast over length."""
-    y = x * (1 + scale[:, None, :])
-    return y if shift is None else y + shift[:, None, :]
+    """adaLN: x * (1 + scale) + shift, with `[B, D]` modulation broadcast over length, or per-token
+    `[B, L, D]` modulation (the joint model: each modality's tokens carry their own time)."""
+    if scale.ndim == 2:
+        scale, shift = scale[:, None, :], (None if shift is None else shift[:, None, :])
+    y = x * (1 + scale)
+    return y if shift is None else y + shift
 
 
 # ----------------------------------------------------------------------------------------------

@@ -20,18 +20,20 @@ from flagdit_jax import tokens as tok
 from flagdit_jax.models.common import ModelConfig
 from flagdit_jax.models.dit import DiT, DiTConfig
 from flagdit_jax.models.flag_dit import FlagDiT, FlagDiTConfig
+from flagdit_jax.models.joint import JointConfig, JointDiT
 from flagdit_jax.models.layer_stack import scan_params, unscan_params  # noqa: F401 (re-export)
 from flagdit_jax.models import layer_stack
 from flagdit_jax.models.next_dit import NextDiT, NextDiTConfig
 
 # kind -> (config class, module class): what build, checkpoints and converters look up.
 MODEL_KINDS: dict[str, tuple[type[ModelConfig], type[nn.Module]]] = {
-    cls.kind: (cls, module) for cls, module in ((FlagDiTConfig, FlagDiT), (NextDiTConfig, NextDiT), (DiTConfig, DiT))
+    cls.kind: (cls, module) for cls, module in ((FlagDiTConfig, FlagDiT), (NextDiTConfig, NextDiT), (DiTConfig, DiT),
+                                                (JointConfig, JointDiT))
 }
 
 
 def config_class(kind: str) -> type[ModelConfig]:
-    """The config class of a model kind ('flagdit', 'nextdit', 'dit')."""
+    """The config class of a model kind ('flagdit', 'nextdit', 'dit', 'joint')."""
     if kind not in MODEL_KINDS:
         raise ValueError(f"unknown model kind {kind!r}; expected one of {sorted(MODEL_KINDS)}")
     return MODEL_KINDS[kind][0]
@@ -95,6 +97,8 @@ PRESETS: dict[str, ModelConfig] = {
     "nextdit-tiny": NextDiTConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, **_NEXT_IMAGENET),
     "lumina-next-tiny": NextDiTConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, **dict(_NEXT_T2I, cap_feat_dim=32)),
     "dit-tiny": DiTConfig(dim=64, n_layers=2, n_heads=4, patch_size=2, input_size=16),
+    # The joint image + text-token model (models/joint.py), Flag-DiT trunk with [nextline].
+    "joint-tiny": JointConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, text_dim=16, text_len=2),
 }
 
 # Parameter counts of the paper-size presets (REFERENCE.md §2), for the registry test.
@@ -144,7 +148,9 @@ def example_inputs(cfg: ModelConfig, batch: int = 1, size: int = 8, cap_len: int
     """Small dummy inputs `(packed, t, kwargs)` of the right kinds for `init` / `eval_shape`."""
     packed = tok.pack_for(cfg, jnp.zeros((batch, 1, size, size, cfg.in_channels)))
     t = jnp.zeros((batch,))
-    if cfg.text_conditional:
+    if isinstance(cfg, JointConfig):
+        kw = dict(text=jnp.zeros((batch, cfg.text_len, cfg.text_dim)), t_text=t)
+    elif cfg.text_conditional:
         kw = dict(cap_feats=jnp.zeros((batch, cap_len, cfg.cap_feat_dim)), cap_mask=jnp.ones((batch, cap_len), bool))
     else:
         kw = dict(y=jnp.zeros((batch,), jnp.int32))
