@@ -123,3 +123,52 @@ def test_digit_crops_frame_the_digit_like_mnist(source):
     (cy_c, cx_c), (cy_r, cx_r) = video_eval.centroids(crops), video_eval.centroids(ref[None])
     assert np.all(np.abs(cy_c - cy_r) < 1.0) and np.all(np.abs(cx_c - cx_r) < 1.0)
     assert np.corrcoef(crops[0].ravel(), ref.ravel())[0, 1] > 0.8
+
+
+def test_time_reversal_flips_the_direction(source):
+    clips = np.stack([source.clip(i, 4) for i in range(20)])
+    fwd, back = video_eval.track(clips)["direction"], video_eval.track(clips[:, ::-1])["direction"]
+    opposite = {"left": "right", "right": "left", "up": "down", "down": "up"}
+    assert [opposite[mm.DIRECTION_WORDS[d]] for d in fwd] == [mm.DIRECTION_WORDS[d] for d in back]
+
+
+def test_score_on_real_clips(source):
+    # Real clips score 1 on direction and speed; a still clip scores 0 on both. The digit reader is a
+    # stand-in that reads crops of the true digit correctly only where the crop holds ink.
+    idx = range(12)
+    clips = np.stack([source.clip(i, 3) for i in idx])
+    labels = np.array([source.label(i) for i in idx])
+    dirs = np.array([source.motion(i)["direction"] for i in idx])
+    speeds = np.array([source.motion(i)["speed"] for i in idx])
+    truth = np.repeat(labels, 3)
+    classify = lambda crops: np.where((crops > 0).any((1, 2, 3)), truth, (truth + 1) % 10)  # noqa: E731
+    kw = dict(classify=classify, digit_size=source.digit_size, speeds_px=source.speeds)
+    rep = video_eval.score(clips, labels, dirs, speeds, **kw)
+    assert rep == {**rep, "direction": 1.0, "speed": 1.0, "digit": 1.0, "digit_frame": 1.0, "all": 1.0, "n": 12,
+                   "frames": 3, "empty_frames": 0.0}
+    still = np.repeat(clips[:, :1], 3, axis=1)
+    rep = video_eval.score(still, labels, dirs, speeds, **kw)
+    assert rep["direction"] == 0.0 and rep["speed"] == 0.0 and rep["all"] == 0.0 and rep["digit"] == 1.0
+    # An empty last frame: no direction, and the majority vote still reads the digit from 2 of 3 frames.
+    blank = clips.copy()
+    blank[:, -1] = -1.0
+    rep = video_eval.score(blank, labels, dirs, speeds, **kw)
+    assert rep["direction"] == 0.0 and rep["digit"] == 1.0 and abs(rep["digit_frame"] - 2 / 3) < 1e-9
+    with pytest.raises(ValueError, match="labels"):
+        video_eval.score(clips, labels[:3], dirs, speeds, **kw)
+    with pytest.raises(ValueError, match="exactly one"):
+        video_eval.score(clips, labels, dirs, speeds, digit_size=16, speeds_px=(1, 3))
+
+
+def test_eval_refuses_lengths_past_max_frames(tmp_path):
+    import importlib.util
+    import pathlib
+
+    spec = importlib.util.spec_from_file_location(
+        "t2v_config", pathlib.Path(__file__).resolve().parents[1] / "configs" / "t2v" / "mnist.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    config = mod.get_config()
+    config.eval.frames = (3, 9)
+    with pytest.raises(ValueError, match="max_frames"):
+        video_eval.run(config, tmp_path)

@@ -57,5 +57,5 @@ def get_config(arg="next"):
     c.sample = ml_collections.ConfigDict(dict(method="heun", num_steps=20, cfg_scale=2.0, shift=1.0, per_class=8,
                                               use_ema=True))
     # frames: the trained lengths and a longer one (extrapolation; <= data.options.max_frames).
-    c.eval = ml_collections.ConfigDict(dict(num_samples=96, batch=48, frames=(3, 4, 6), classifier_steps=800))
+    c.eval = ml_collections.ConfigDict(dict(num_samples=96, batch=48, frames=(3, 4, 5, 6), classifier_steps=800))
     return c

@@ -96,15 +96,22 @@ def digit_crops(clips, cy, cx, digit_size: int, size: int = 32) -> np.ndarray:
     return out[..., None]
 
 
-def score(clips, labels, directions, speeds, *, classifier_params, digit_size: int, speeds_px) -> dict:
+def score(clips, labels, directions, speeds, *, digit_size: int, speeds_px, classifier_params=None,
+          classify=None) -> dict:
     """Scores `clips [N, T, H, W, 1]` against the captioned `labels`, `directions` (DIRECTION_WORDS
     indices) and `speeds` (SPEED_WORDS indices), each `[N]`; `speeds_px` the source's (slow, fast).
+    Digits are read by the project's MNIST classifier (`classifier_params`) or by `classify(crops
+    [M, 32, 32, 1]) -> [M]` labels (exactly one of the two).
 
     Returns shares in [0, 1]: 'direction', 'speed', 'digit_frame' (per frame), 'digit' (majority vote
     of the frames), 'all' (direction, speed and majority digit), 'empty_frames'; 'per_direction';
     and the mean measured speed per captioned speed ('speed_px')."""
     from flagdit_jax.eval import classifier as clf
 
+    if (classifier_params is None) == (classify is None):
+        raise ValueError("score needs exactly one of classifier_params= (the MNIST classifier) or classify=")
+    if classify is None:
+        classify = lambda crops: clf.logits(classifier_params, crops).argmax(-1)  # noqa: E731
     x = _check_clips(clips)
     labels, directions, speeds = (np.asarray(a, np.int64) for a in (labels, directions, speeds))
     n, t = x.shape[:2]
@@ -114,14 +121,17 @@ def score(clips, labels, directions, speeds, *, classifier_params, digit_size: i
     tr = track(x)
     direction_ok = tr["direction"] == directions
     speed_ok = (speed_class(tr["speed_px"], speeds_px) == speeds) & (tr["direction"] != NO_DIRECTION)
-    pred = clf.logits(classifier_params, digit_crops(x, tr["cy"], tr["cx"], digit_size)).argmax(-1).reshape(n, t)
+    pred = np.asarray(classify(digit_crops(x, tr["cy"], tr["cx"], digit_size))).reshape(n, t)
     frame_ok = pred == labels[:, None]
     votes = np.stack([np.bincount(p, minlength=10) for p in pred])
     majority_ok = votes.argmax(1) == labels
     per_dir = {w: float(direction_ok[directions == k].mean()) for k, w in enumerate(DIRECTION_WORDS)
                if (directions == k).any()}
-    speed_px = {w: float(np.nanmean(tr["speed_px"][speeds == k])) for k, w in enumerate(SPEED_WORDS)
-                if (speeds == k).any()}
+    speed_px = {}  # mean measured px / frame per captioned speed; None when no such clip was tracked
+    for k, w in enumerate(SPEED_WORDS):
+        v = tr["speed_px"][speeds == k]
+        if len(v):
+            speed_px[w] = float(np.nanmean(v)) if np.isfinite(v).any() else None
     return {"n": int(n), "frames": int(t), "direction": float(direction_ok.mean()), "speed": float(speed_ok.mean()),
             "digit_frame": float(frame_ok.mean()), "digit": float(majority_ok.mean()),
             "all": float((direction_ok & speed_ok & majority_ok).mean()),
