@@ -29,6 +29,10 @@ MODALITY_EVALS = {"moving_mnist": "flagdit_jax.eval.video_eval", "multiview": "f
 def run(config, workdir: str | pathlib.Path) -> dict:
     if config.data.name == "encoded" and config.get("encode") and config.encode.source == "mnist_t2i":
         return run_layout(config, workdir)
+    if config.get("task") == "joint":
+        from flagdit_jax.eval import joint_eval
+
+        return joint_eval.run(config, workdir)
     if config.data.name in MODALITY_EVALS:
         import importlib
 

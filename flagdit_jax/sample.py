@@ -156,6 +156,10 @@ def sample_grid(config, workdir: str | pathlib.Path, out: str | pathlib.Path | N
     the captions of the first eval records of that size, frames of a clip side by side
     (`samples_<step>_<T>x<H>x<W>.png`).
     """
+    if config.get("task") == "joint":
+        from flagdit_jax import sample_joint
+
+        return sample_joint.sample_grid(config, workdir, out)
     params, s, step = load_params(config, workdir, use_ema=config.sample.use_ema)
     sc = config.sample
     what = f"{sc.method} x{sc.num_steps}, cfg {sc.cfg_scale}"

@@ -171,3 +171,50 @@ def gibbs(config, params, s, n: int, steps: int, seed: int, *, batch: int | None
         images.append(generate(config, params, s, "text_to_image", n, seed + 2 * k, text=texts[-1],
                                batch=batch)["image"])
     return {"image": np.stack(images), "text": np.stack(texts)}
+
+
+def sample_grid(config, workdir, out=None) -> list:
+    """`flagdit sample` for a joint run: PNG grids of text -> image (one row per digit, stroke words
+    alternating thin / thick along the row), marginal images, joint pairs and Gibbs chains (one chain per
+    row), and a JSON of the generated texts read back as words (joint pairs, image -> text on held-out
+    digits, Gibbs). Returns the written paths."""
+    import json
+    import pathlib
+
+    from flagdit_jax import sample, train
+    from flagdit_jax.data.joint_mnist import DIGITS, STROKES
+
+    params, s, step = sample.load_params(config, workdir, use_ema=config.sample.use_ema)
+    src = train.make_source(config, "eval")
+    folder = pathlib.Path(out) if out else pathlib.Path(workdir)
+    folder.mkdir(parents=True, exist_ok=True)
+    k, seed = int(config.sample.per_class), int(config.seed)
+    labels, strokes = np.repeat(np.arange(10), k), np.tile(np.arange(k) % 2, 10)
+    paths_out, words = [], {}
+
+    def words_of(text):
+        d, st = src.decode_text(text)
+        return [f"{DIGITS[a]} {STROKES[b]}" for a, b in zip(d, st)]
+
+    t2i = generate(config, params, s, "text_to_image", 10 * k, seed, text=src.text(labels, strokes))["image"]
+    marg = generate(config, params, s, "image", 4 * k, seed)["image"]
+    pair = generate(config, params, s, "joint", 4 * k, seed)
+    held = np.stack([src[i]["frames"] for i in range(4 * k)])
+    words["joint"] = words_of(pair["text"])
+    words["image_to_text"] = dict(true=[f"{DIGITS[src.labels[i]]} {STROKES[src.strokes[i]]}" for i in range(4 * k)],
+                                  generated=words_of(generate(config, params, s, "image_to_text", 4 * k, seed,
+                                                              image=held)["text"]))
+    chain = gibbs(config, params, s, 8, int(config.sample.get("gibbs_steps", 4)), seed)
+    words["gibbs"] = [words_of(t) for t in chain["text"]]
+    for name, imgs, rows in (("text_to_image", t2i, 10), ("marginal", marg, 4), ("joint", pair["image"], 4),
+                             ("gibbs", chain["image"][:, :, 0].transpose(1, 0, 2, 3, 4).reshape(
+                                 -1, *chain["image"].shape[3:]), 8)):
+        p = folder / f"samples_{step}_{name}.png"
+        sample.save_grid(p, imgs[:, 0] if imgs.ndim == 5 else imgs, rows=rows)
+        paths_out.append(p)
+    p = folder / f"samples_{step}_texts.json"
+    p.write_text(json.dumps(words, indent=1))
+    paths_out.append(p)
+    for p in paths_out:
+        print(f"wrote {p}")
+    return paths_out
