@@ -131,7 +131,7 @@ def run(config, workdir) -> dict:
     written = []
     for w in (*src.widths, *long_widths):
         frames = sample.generate(config, params, s, cond, seed=config.seed + 1 + w, shape=(1, src.n_bins, w),
-                                 batch=ec.get("batch"))
+                                 batch=min(int(ec.get("batch") or len(classes)), len(classes)))
         specs = frames[:, 0, :, :, 0]
         report["generated"][str(w)] = score(specs, classes)
         # The floor: real sounds of every class synthesised at this width (eval records), read the same way.
