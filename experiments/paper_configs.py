@@ -55,12 +55,33 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 @dataclasses.dataclass(frozen=True)
 class PaperConfig:
     """One row: a config file and its argument, the REFERENCE.md count's registry key, and the paper
-    that the recipe comes from."""
+    that the recipe comes from. Rows whose count is not in `registry.REFERENCE_PARAMS` give it as
+    `reference_params` (and `reference_key` ''), with `reference_source` saying where it comes from."""
 
     file: str
     arg: str | None
     reference_key: str
     paper: str
+    reference_params: float | None = None
+    reference_source: str = ""
+
+    def __post_init__(self):
+        if (self.reference_params is None) == (not self.reference_key):
+            raise ValueError(f"{self.file}:{self.arg}: give exactly one of reference_key={self.reference_key!r} and "
+                             f"reference_params={self.reference_params!r}")
+
+    def reference(self) -> float:
+        """The count the row is checked against."""
+        from flagdit_jax.models import registry
+
+        return float(self.reference_params if self.reference_params is not None
+                     else registry.REFERENCE_PARAMS[self.reference_key])
+
+
+# The released audio model's count from its constructor (configs/t2speech/lumina_t2speech.py:
+# reference_params, independent of our model code): both tasks build the same FlagDiTv2.
+_AUDIO_PARAMS = 197_940_244
+_2B = "the paper's nominal '2B' [2nd]; the shape is inferred (configs/t2v/lumina_t2v.py)"
 
 
 PAPER_CONFIGS: dict[str, PaperConfig] = {
@@ -77,6 +98,19 @@ PAPER_CONFIGS: dict[str, PaperConfig] = {
     "lumina-t2i-5b-512": PaperConfig("configs/t2i/lumina_t2i.py", "512", "lumina-t2i-5b", "Lumina-T2I stage 2"),
     "lumina-t2i-5b-1024": PaperConfig("configs/t2i/lumina_t2i.py", "1024", "lumina-t2i-5b", "Lumina-T2I stage 3"),
     "lumina-next-2b": PaperConfig("configs/t2i/lumina_next.py", "1024", "lumina-next-2b", "Lumina-Next-T2I 1024"),
+    # Issue #14: video, multi-view, audio (their configs' docstrings give every source).
+    "lumina-t2v-2b-512": PaperConfig("configs/t2v/lumina_t2v.py", "512", "", "Lumina-T2V stage 1 (512 x 32 frames)",
+                                     2e9, _2B),
+    "lumina-t2v-2b-720p": PaperConfig("configs/t2v/lumina_t2v.py", "720p", "", "Lumina-T2V stage 2 (720p, 128K)",
+                                      2e9, _2B),
+    "lumina-t2mv-2b-256": PaperConfig("configs/t2mv/lumina_t2mv.py", "256", "", "Lumina-T2MV 12 views 256",
+                                      2e9, _2B),
+    "lumina-t2mv-2b-512": PaperConfig("configs/t2mv/lumina_t2mv.py", "512", "", "Lumina-T2MV 12 views 512",
+                                      2e9, _2B),
+    "lumina-t2audio": PaperConfig("configs/t2speech/lumina_t2speech.py", "audio", "", "Lumina-T2Audio (released)",
+                                  _AUDIO_PARAMS, "LT lumina_audio FlagDiTv2 constructor"),
+    "lumina-t2music": PaperConfig("configs/t2speech/lumina_t2speech.py", "music", "", "Lumina-T2Music (released)",
+                                  _AUDIO_PARAMS, "LT lumina_music FlagDiTv2 constructor"),
 }
 
 
@@ -119,35 +153,54 @@ class _AbstractCaptions:
 
 
 def caption_length(config) -> int:
-    """Tokens per caption of a T2I config's text encoder (`text.encoder.KINDS`)."""
+    """Tokens per caption of a T2I config's text encoder: `text_encoder.max_length` where the config
+    sets it (encoders outside `flagdit_jax.text`: CLIP, T5), else `text.encoder.KINDS`."""
     from flagdit_jax.text.encoder import KINDS
 
+    n = config.text_encoder.get("max_length")
+    if n is not None:
+        return int(n)
     return int(KINDS[config.text_encoder.kind]["max_length"])
+
+
+def frame_shape(config) -> tuple[int, int, int]:
+    """Latent size (T, H, W) of one training sample: `data.frame_shape` (video, views, audio rows),
+    else one square `data.image_size` frame."""
+    shape = config.data.get("frame_shape")
+    if shape is None:
+        return 1, config.data.image_size, config.data.image_size
+    shape = tuple(shape)
+    if len(shape) != 3 or any(not isinstance(v, int) or v <= 0 for v in shape):
+        raise ValueError(f"config.data.frame_shape={shape}; expected three positive ints (T, H, W)")
+    return shape
 
 
 def seq_len(config, model_cfg) -> int:
     """Tokens per sample the step runs at: the config's bucket (T2I: the official max_seq_len), else
-    the square `data.image_size` frame's packed length."""
+    the packed length of `frame_shape`."""
     from flagdit_jax import tokens as tok
 
     buckets = tuple(config.data.get("buckets", ()) or ())
     if buckets:
         return int(max(buckets))
-    side = config.data.image_size
-    return int(tok.seq_len((1, side, side), *tok.layout_of(model_cfg)))
+    return int(tok.seq_len(frame_shape(config), *tok.layout_of(model_cfg)))
 
 
 def abstract_batch(s, length: int):
-    """The packed global batch as ShapeDtypeStructs with the batch sharding: one zero element
-    packed on the host to `length` tokens (only shapes and dtypes are kept), its leading axis set
-    to the global batch."""
+    """The packed global batch as ShapeDtypeStructs with the batch sharding: one zero element of
+    `frame_shape` packed on the host to `length` tokens (only shapes and dtypes are kept), its
+    leading axis set to the global batch."""
     import jax
     import numpy as np
 
+    from flagdit_jax import tokens as tok
     from flagdit_jax import train
 
-    side = s.config.data.image_size
-    element = {"image": np.zeros((side, side, s.model_cfg.in_channels), np.float32)}
+    t, h, w = frame_shape(s.config)
+    real = tok.seq_len((t, h, w), *tok.layout_of(s.model_cfg))
+    if real > length:
+        raise ValueError(f"config.data.frame_shape={(t, h, w)} packs to {real} tokens, more than the bucket {length}")
+    element = {"frames": np.zeros((t, h, w, s.model_cfg.in_channels), np.float32)}
     if hasattr(s.task, "caption_shape"):
         n, d = s.task.caption_shape
         element.update(cap_feats=np.zeros((n, d), np.float32), cap_mask=np.ones((n,), bool))
@@ -227,7 +280,7 @@ def measure_flops(name: str, overrides: dict | None = None) -> dict:
     analytic = aot.model_flops(s.model_cfg, s.abstract_state.params, batch=config.global_batch, seq_len=length,
                                cap_len=cap)
     xla = float(cost.get("flops", float("nan")))
-    return dict(params=n, reference_params=registry.REFERENCE_PARAMS[PAPER_CONFIGS[name].reference_key],
+    return dict(params=n, reference_params=PAPER_CONFIGS[name].reference(),
                 global_batch=config.global_batch, seq_len=length, caption_len=cap, tokens=tokens,
                 xla_flops_total=xla, six_n_t=6.0 * n * tokens, ratio_to_6nt=xla / (6.0 * n * tokens),
                 analytic_model_flops=analytic, dtype=s.model_cfg.dtype, remat=s.model_cfg.remat,
@@ -307,6 +360,13 @@ NOTES = """Notes:
   paper_configs_t2i1024_accum4.md (1024 px on 64 devices, micro batch 2), paper_configs_cond_fsdp.md
   (the ('cond', 'fsdp') rule measured before it became the default; those two side runs predate it),
   paper_configs_per_layer.md.
+- reference: REFERENCE.md §2's count; for the video / multi-view / audio rows (issue #14) the
+  `reference_source` of their PaperConfig: Lumina-T2V / T2MV are the paper's nominal "2B" (known
+  second-hand; their 2304 x 24 x 32 shape, CLIP width 2048 and token layouts are inferred, see
+  configs/t2v/lumina_t2v.py, configs/t2mv/lumina_t2mv.py), the audio rows the released FlagDiTv2
+  counted from its constructor (ours has one more [PAD] vector, 768 parameters). Their global
+  batches: T2V 1024 (stage 1, second-hand) and 128 (stage 2, a guess); T2MV 64 / 16 (second-hand);
+  audio 64 (a guess). T2V 720p and T2MV 512 run with a sequence axis (8 / 4), see the mesh column.
 - state / even split: the few small parameters with no fsdp-mapped axis (norm scales, biases,
   embedder tails) are replicated, hence 1.01-1.03x on 64 devices; DiT / SiT are data parallel, every
   parameter replicated by design, as DDP.
@@ -319,7 +379,7 @@ def _gib(b) -> str:
 
 def markdown(results: dict, devices: list[int]) -> str:
     """Two tables: counts and FLOPs per config; per-device memory per config and device count."""
-    lines = ["| config | paper | params | REFERENCE.md | global batch x tokens | XLA FLOPs / step (total) | "
+    lines = ["| config | paper | params | reference | global batch x tokens | XLA FLOPs / step (total) | "
              "6 N T | ratio | analytic model FLOPs |", "|---|---|---:|---:|---|---:|---:|---:|---:|"]
     for name in PAPER_CONFIGS:
         f = results.get(name, {}).get("flops")

@@ -28,11 +28,29 @@ REFERENCE_MD = {"flagdit-600m": 0.61e9, "flagdit-3b": 4.24e9, "flagdit-7b": 7.29
                 "lumina-t2i-5b-1024": 5.05e9, "lumina-next-2b": 1.63e9}
 TINY = {"model.dim": 64, "model.n_layers": 2, "model.n_heads": 4, "global_batch": 16}
 
+# Issue #14 rows: the papers' video / multi-view shapes (nominal "2B", known second-hand) and the released
+# audio models (counted from the official FlagDiTv2 constructor). name -> (reference, relative tolerance,
+# tokens per sample, global batch, mesh on 8 devices).
+MODALITY = {
+    "lumina-t2v-2b-512": (2e9, 0.1, 32 * (32 * 33 + 1), 1024, (1, 8, 1, 1)),
+    "lumina-t2v-2b-720p": (2e9, 0.1, 131_072, 128, (1, 1, 8, 1)),
+    "lumina-t2mv-2b-256": (2e9, 0.1, 12 * (16 * 17 + 1), 64, (1, 8, 1, 1)),
+    "lumina-t2mv-2b-512": (2e9, 0.1, 12 * (32 * 33 + 1), 16, (1, 2, 4, 1)),
+    "lumina-t2audio": (197_940_244, 1e-5, 256, 64, (1, 8, 1, 1)),
+    "lumina-t2music": (197_940_244, 1e-5, 256, 64, (1, 8, 1, 1)),
+}
+
 
 def test_the_script_covers_every_paper_config():
-    assert set(pc.PAPER_CONFIGS) == set(REFERENCE_MD)
+    assert set(pc.PAPER_CONFIGS) == set(REFERENCE_MD) | set(MODALITY)
     for name, c in pc.PAPER_CONFIGS.items():
+        if name in MODALITY:
+            assert c.reference_params == MODALITY[name][0] and c.reference_source and not c.reference_key, name
+            continue
         assert registry.REFERENCE_PARAMS[c.reference_key] == REFERENCE_MD[name], name
+        assert c.reference() == REFERENCE_MD[name]
+    with pytest.raises(ValueError, match="exactly one of"):
+        pc.PaperConfig("configs/t2v/lumina_t2v.py", "512", "flagdit-3b", "both", reference_params=2e9)
     with pytest.raises(ValueError, match="unknown paper config"):
         pc.load_config("flagdit-2b")
     with pytest.raises(ValueError, match="not paper configs"):
@@ -162,3 +180,65 @@ def test_driver_keeps_an_interrupted_workers_rows(tmp_path, monkeypatch):
     md = (tmp_path / "pc.md").read_text()
     assert "| sit-xl-2 | SiT baseline (ImageNet 256) | 0.675B | 0.675B | 256 x 256 | 300.00 PF |" in md
     assert "(8, 1, 1, 1) xla | 8.00x | 1.00 / 1.00 / 2.00 / **4.00** |" in md
+
+
+def _config_module(path: str):
+    spec = importlib.util.spec_from_file_location("c", ROOT / path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_audio_reference_count_is_the_official_constructor():
+    """configs/t2speech/lumina_t2speech.py: reference_params() (the FlagDiTv2 constructor, by hand) equals
+    the script's constant, and our model is that count plus its one [PAD] vector (the official audio model
+    has no [PAD]); both tasks share one trunk."""
+    mod = _config_module("configs/t2speech/lumina_t2speech.py")
+    assert mod.reference_params() == pc._AUDIO_PARAMS == MODALITY["lumina-t2audio"][0]
+    c = pc.load_config("lumina-t2audio", {"model.scan_layers": True})
+    cfg = train.model_config(c)
+    assert registry.count_params(cfg) == mod.reference_params() + cfg.dim
+    assert (cfg.dim, cfg.n_layers, cfg.n_heads, cfg.patch_size, cfg.in_channels, cfg.cap_feat_dim) == \
+        (768, 16, 32, 1, 20, 1024)
+    assert not cfg.qk_norm and not cfg.learn_sigma and not cfg.nextline and cfg.ffn_hidden == 2048
+    assert pc.caption_length(c) == 154 and pc.caption_length(pc.load_config("lumina-t2music")) == 77
+    with pytest.raises(ValueError, match="expected one of"):
+        mod.get_config("speech")
+
+
+@pytest.mark.parametrize("name", list(MODALITY))
+def test_modality_config_loads_validates_and_counts(name):
+    ref, tol, length, batch, mesh = MODALITY[name]
+    c = pc.load_config(name, {"model.scan_layers": True})
+    train.validate(c)  # on the 8 fake devices
+    cfg = train.model_config(c)
+    assert abs(registry.count_params(cfg) / ref - 1) < tol, name
+    assert pc.seq_len(c, cfg) == length and c.global_batch == batch and train.mesh_shape(c) == mesh
+    if name.startswith(("lumina-t2v", "lumina-t2mv")):
+        assert (cfg.dim, cfg.n_layers, cfg.n_heads, cfg.nextline, cfg.nextframe) == (2304, 24, 32, True, True)
+    # the sample the batch is built from packs to the bucket (T2V 720p: 35 frames under the 128K cap)
+    from flagdit_jax import tokens as tok
+
+    real = tok.seq_len(pc.frame_shape(c), *tok.layout_of(cfg))
+    assert real <= length and (real == length or name == "lumina-t2v-2b-720p")
+    if name == "lumina-t2v-2b-720p":
+        assert pc.frame_shape(c) == (35, 90, 160) and real == 127_610 and 36 * real // 35 > length
+
+
+def test_frame_shape_checks_and_abstract_batch_frames():
+    """A config's frame_shape is the packed element (frames, [nextline] / [nextframe] layout), refused when it
+    does not fit the bucket; a missing frame_shape is one square image_size frame."""
+    c = pc.load_config("lumina-t2mv-2b-256", TINY)
+    s = pc._setup(c)
+    batch = pc.abstract_batch(s, pc.seq_len(c, s.model_cfg))
+    assert batch["tokens"].shape == (16, 3276, 16) and batch["kind"].shape == (16, 3276)
+    c.data.frame_shape = (13, 32, 32)
+    with pytest.raises(ValueError, match="more than the bucket"):
+        pc.abstract_batch(pc._setup(c), 3276)
+    c.data.frame_shape = (12, 32)
+    with pytest.raises(ValueError, match="frame_shape"):
+        pc.frame_shape(c)
+    assert pc.frame_shape(pc.load_config("flagdit-600m")) == (1, 32, 32)
+    for path, bad in (("configs/t2v/lumina_t2v.py", "1080p"), ("configs/t2mv/lumina_t2mv.py", "1024")):
+        with pytest.raises(ValueError, match="stage must be one of"):
+            _config_module(path).get_config(bad)
