@@ -242,3 +242,18 @@ def test_frame_shape_checks_and_abstract_batch_frames():
     for path, bad in (("configs/t2v/lumina_t2v.py", "1080p"), ("configs/t2mv/lumina_t2mv.py", "1024")):
         with pytest.raises(ValueError, match="stage must be one of"):
             _config_module(path).get_config(bad)
+
+
+@pytest.mark.slow
+def test_compile_path_of_a_multiframe_config_tiny():
+    """The script's AOT compile and FLOP count of a tiny T2MV override: the batch is 3 frames with [nextline] /
+    [nextframe] packed to the bucket, the sequence-parallel mesh of the 512 stage compiles, and XLA's count
+    covers the analytic matmul count."""
+    tiny = dict(TINY, **{"model.cap_feat_dim": 32, "data.frame_shape": (3, 8, 8), "data.buckets": (64,),
+                         "text_encoder.max_length": 8})
+    row = pc.measure_compile("lumina-t2mv-2b-512", tiny)
+    assert row["devices"] == 8 and row["mesh_shape"] == [1, 2, 4, 1] and row["attention"] == "xla"
+    f = pc.measure_flops("lumina-t2mv-2b-512", tiny)
+    assert (f["global_batch"], f["seq_len"], f["caption_len"], f["tokens"]) == (16, 64, 8, 16 * 64)
+    assert f["reference_params"] == 2e9
+    assert f["analytic_model_flops"] <= f["xla_flops_total"] < 2 * f["analytic_model_flops"]
