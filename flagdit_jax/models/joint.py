@@ -13,8 +13,9 @@ noise at t = 0 (the Lumina convention; UniDiffuser's t = 0 / t = T).
 How the times reach the tokens: UniDiffuser's U-ViT puts the times in as tokens; here, as in
 Flag-DiT, they go through adaLN, per modality. The condition of modality k is
 c_k = t_emb(t_k) + e_k + W [t_emb(t_text); t_emb(t_image)] (e_k a learned modality embedding, W
-mixes both times so every token sees both), and every block modulates each token with the c of its
-own modality (`layers.modulate` with per-token shift / scale / gate). Each modality has its own input
+mixes both times so every token sees both) + P(text) (the text tokens flattened, normed and projected:
+Lumina-T2I's pooled-caption adaLN path), and every block modulates each token with the c of its own
+modality (`layers.modulate` with per-token shift / scale / gate). Each modality has its own input
 projection and final layer. 1-D RoPE over the joint flat index: text at 0..S-1, image tokens at
 S + their Flag-DiT index, so the text-image offset does not depend on the image size.
 """
@@ -129,7 +130,13 @@ class JointDiT(nn.Module):
                               (len(MODALITIES), cfg.cond_dim), pdtype)
         both = L.Dense(cfg.cond_dim, ("cond_hidden", "cond"), use_bias=True, name="time_mixer", **kw)(
             e.reshape(b, -1))
-        c = e + modality.astype(e.dtype)[None] + both[:, None]
+        # The text as a whole into adaLN, as Lumina-T2I's pooled caption: the S tokens flattened (slot order
+        # kept) -> LayerNorm -> Linear. Without it, the digit of text -> image reached the image only through
+        # attention and 3,000 steps left text -> image at 29% digit accuracy (image -> text: 98%).
+        pooled = L.LayerNorm(1e-5, name="text_pool_norm", param_dtype=pdtype)(text.reshape(b, -1).astype(jnp.float32))
+        pooled = L.Dense(cfg.cond_dim, ("caption", "cond"), use_bias=True, name="text_pool", kernel_init=L.normal_002,
+                         **kw)(pooled)
+        c = e + modality.astype(e.dtype)[None] + (both + pooled.astype(e.dtype))[:, None]
 
         positions = jnp.concatenate([jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s)), s + packed.index], 1)
         angles = L.rope_angles(positions, cfg.head_dim, theta=cfg.rope_theta, ntk_factor=opts.ntk_factor,
