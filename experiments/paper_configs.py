@@ -366,7 +366,11 @@ NOTES = """Notes:
   configs/t2v/lumina_t2v.py, configs/t2mv/lumina_t2mv.py), the audio rows the released FlagDiTv2
   counted from its constructor (ours has one more [PAD] vector, 768 parameters). Their global
   batches: T2V 1024 (stage 1, second-hand) and 128 (stage 2, a guess); T2MV 64 / 16 (second-hand);
-  audio 64 (a guess). T2V 720p and T2MV 512 run with a sequence axis (8 / 4), see the mesh column.
+  audio 64 (a guess). T2V 720p and T2MV 512 run with a sequence axis (8 / 4), see the mesh column;
+  the rules shard no parameter over it, hence their state at 8x / 4x an even split. At the full
+  global batch in one step the video rows need terabytes of activations per device:
+  paper_configs_modality_micro.md compiles them with gradient accumulation (same global batch, one
+  sample per device per micro step).
 - state / even split: the few small parameters with no fsdp-mapped axis (norm scales, biases,
   embedder tails) are replicated, hence 1.01-1.03x on 64 devices; DiT / SiT are data parallel, every
   parameter replicated by design, as DDP.
