@@ -55,7 +55,7 @@ def classify(views: np.ndarray, tmpl: dict) -> dict[str, np.ndarray]:
         raise ValueError(f"views must be [N, {', '.join(map(str, tmpl['images'].shape[1:]))}] like the templates, "
                          f"got {views.shape}")
     x = views.reshape(len(views), -1)
-    d = (x ** 2).sum(1)[:, None] - 2 * x @ ref.T + (ref ** 2).sum(1)[None]
+    d = np.maximum((x ** 2).sum(1)[:, None] - 2 * x @ ref.T + (ref ** 2).sum(1)[None], 0.0)  # >= 0 despite rounding
     k = d.argmin(1)
     return {"solid": tmpl["solid"][k], "colour": tmpl["colour"][k], "azimuth": tmpl["azimuth"][k],
             "distance": d[np.arange(len(k)), k] / x.shape[1]}
