@@ -455,8 +455,13 @@ def read_config(workdir: str | pathlib.Path):
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: {workdir} is not a training workdir (run `flagdit train` "
                                 "with it first)")
+    def tuples(v):  # JSON has no tuples; the configs write sequences as tuples (and CLI overrides need them)
+        if isinstance(v, dict):
+            return {k: tuples(x) for k, x in v.items()}
+        return tuple(tuples(x) for x in v) if isinstance(v, list) else v
+
     try:
-        return ml_collections.ConfigDict(json.loads(path.read_text()))
+        return ml_collections.ConfigDict(tuples(json.loads(path.read_text())))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not a readable run config ({e})") from e
 
