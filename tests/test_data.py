@@ -283,4 +283,7 @@ def test_bad_inputs(mnist_eval, tmp_path):
         data.write_latents(str(tmp_path / "x"), z, np.zeros(4, int), num_shards=5)
     with pytest.raises(ValueError, match="magic"):
         latents.decode_record(b"\0" * 32)
-    assert pipeline.SOURCES == ("mnist", "mnist_captions", "imagenet", "latents", "mnist_t2i", "image_text", "encoded")
+    assert pipeline.SOURCES == ("mnist", "mnist_captions", "imagenet", "latents", "mnist_t2i", "image_text", "encoded",
+                                "mnist_joint", "moving_mnist", "multiview", "sounds")
+    for name in pipeline.MODALITY_SOURCES:  # every registered modality source imports and builds
+        assert len(pipeline.get_source(name, "eval")) > 0
