@@ -282,8 +282,8 @@ def test_kind_table_builds_and_round_trips_every_preset():
     for text, preset in zip(_OLD_MODEL_JSON, ["flagdit-tiny", "lumina-next-tiny", "dit-tiny"]):
         # They name attention='xla' (the default then; 'auto' now) and keep it.
         assert registry.config_from_dict(json.loads(text)) == registry.get_config(preset, attention="xla")
-    with pytest.raises(ValueError, match=r"unknown model kind 'joint'; expected one of \['dit', 'flagdit', 'nextdit'\]"):
-        registry.config_from_dict({"kind": "joint", "config": {}})
+    with pytest.raises(ValueError, match=r"unknown model kind 'uvit'; expected one of \['dit', 'flagdit', 'joint', 'nextdit'\]"):
+        registry.config_from_dict({"kind": "uvit", "config": {}})
     with pytest.raises(ValueError, match=r"unknown NextDiTConfig field\(s\) \['bogus'\]"):
         registry.config_from_dict({"kind": "nextdit", "config": {"bogus": 1}})
     with pytest.raises(ValueError, match="expected a model config"):

@@ -86,7 +86,8 @@ def test_grad_accumulation_matches_full_batch(batches, single_device):
         ("--config.nonexistent_key=1", "nonexistent_key"),
         ("--config.model.n_heads=3", "n_heads=3 must divide dim=128"),
         ("--config.sample.method=foo", r"config.sample.method='foo'; expected one of .*'dopri5', 'sde'"),
-        ("--config.task=joint", r"config.task='joint'; expected one of \('class_label', 'caption'\)"),
+        ("--config.task=uvit", r"config.task='uvit'; expected one of \('class_label', 'caption', 'joint', 'unconditional'\)"),
+        ("--config.task=joint", r"config.task='joint' needs paired data with 'text' tokens"),
         ("--config.task=caption", r"config.task='caption' needs captioned data"),
     ],
 )

@@ -78,6 +78,11 @@ def test_curve_report_averages_seeds_and_writes_table_and_plot(twins, tmp_path, 
     _fake_run(tmp_path, "next-lognorm-s0", [30, 20, 10, 5])
     _fake_run(tmp_path, "next-lognorm-s1", [32, 22, 12, 7])
     monkeypatch.setattr(twins, "real_floor", lambda root: {"fid": 1.0, "accuracy": 0.99})
+    # The arms as this test writes them (TWINS itself grows seeds as sessions add runs).
+    arms = {"f": {"Flag-DiT": "flag-lognorm-s0", "Next-DiT": "next-lognorm-s0 next-lognorm-s1"},
+            "d": {"uniform t": "flag-uniform-s0", "logit-normal t": "flag-lognorm-s0"}}
+    for t, a in arms.items():
+        monkeypatch.setitem(twins.TWINS, t, dict(twins.TWINS[t], arms={k: twins._runs(v) for k, v in a.items()}))
     data = twins.report("f", tmp_path, tmp_path / "out", command="cmd")
     fid = np.asarray(data["arms"]["Next-DiT"]["fid"])
     assert fid.shape == (2, 4) and fid[:, -1].mean() == 6
