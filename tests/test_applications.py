@@ -280,6 +280,7 @@ def test_extrapolation_variants_are_the_official_ratios(next_pipe, flag_pipe):
     assert nv["proportional attention"][0].base_seqlen == 64 and fv["proportional attention"][0].base_seqlen == 80
 
 
+@pytest.mark.slow
 def test_extrapolation_at_twice_the_training_area(next_pipe):
     _check_extrapolation(next_pipe, ["paper frequency-aware"])
 

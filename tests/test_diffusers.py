@@ -250,7 +250,8 @@ def test_load_diffusers_bfloat16_folder(tmp_path):
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), params, expected)
 
 
-@pytest.mark.parametrize("height,width,shift", [(128, 128, 1.0), (128, 192, 3.0), (96, 128, 1.0)])
+@pytest.mark.parametrize("height,width,shift", [(128, 128, 1.0), pytest.param(128, 192, 3.0, marks=pytest.mark.slow),
+                                                (96, 128, 1.0)])
 def test_whole_sampling_run_matches_lumina_text2img_pipeline(height, width, shift):
     """diffusers' LuminaPipeline (was LuminaText2ImgPipeline; transformer + FlowMatchEulerDiscreteScheduler, Euler in
     sigma, first-3-channel CFG, proportional attention, RoPE scaled by sqrt(HW)/S with watershed

@@ -132,7 +132,7 @@ def _torchdiffeq_dopri5(v_fn, x_init, t_grid, atol, rtol):
     return ys.numpy(), calls[0]
 
 
-@pytest.mark.parametrize("name, v_fn", [("linear", v_linear), ("gvp", v_gvp)])
+@pytest.mark.parametrize("name, v_fn", [("linear", v_linear), pytest.param("gvp", v_gvp, marks=pytest.mark.slow)])
 def test_dopri5_steps_like_torchdiffeq(name, v_fn):
     """Same step-size control as torchdiffeq's dopri5 (first step, I-controller with exponent 1/5,
     steps past t1 + dense output), hence the same accuracy and NFE on the exact Gaussian flow.

@@ -114,6 +114,7 @@ def test_parameter_count(golden):
     assert n == golden.meta["derived"]["n_params"]
 
 
+@pytest.mark.slow  # layer-by-layer diagnosis; test_calls checks the outputs in the default suite
 def test_intermediates(golden):
     """Embedders, every block and the final layer of the plain forward call."""
     call = next(c for c in golden.meta["calls"] if c["name"] == "forward")

@@ -83,7 +83,8 @@ def test_conditional_sampling_never_changes_the_condition(joint):
             assert out["text"].shape == text.shape and not np.allclose(out["text"], 0)
 
 
-@pytest.mark.parametrize("mode", sample_joint.MODES)
+@pytest.mark.parametrize("mode", [m if m in ("joint", "text_to_image") else pytest.param(m, marks=pytest.mark.slow)
+                                  for m in sample_joint.MODES])
 def test_modes_are_one_network_at_chosen_times(joint, mode):
     """One Euler step of each mode equals the hand-written step with the same weights: conditions clean
     at t = 1, marginalised modalities fresh noise at t = 0, guidance v_u + s (v_c - v_u) from the marginal."""
