@@ -72,7 +72,9 @@ def run(config, workdir: str | pathlib.Path) -> dict:
     marg = gen("image")["image"]
     train_frames, _ = classifier.digits("train")
     rep["marginal_image"] = dict(fid=_fid(clf, marg[:, 0], real_feats))
-    rep["real_floor_fid"] = _fid(clf, train_frames[:n], real_feats)
+    # n random train digits, as mnist_eval.baselines (the split is stored class by class: its first n are not a sample).
+    pick = np.random.default_rng(int(config.seed)).choice(len(train_frames), size=n, replace=False)
+    rep["real_floor_fid"] = _fid(clf, train_frames[pick], real_feats)
     if ec.get("baseline_workdir"):
         base, base_step = baseline_samples(ec.baseline_workdir, n, seed, batch)
         rep["unconditional_baseline"] = dict(workdir=str(ec.baseline_workdir), step=base_step,
