@@ -123,7 +123,9 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("name,h,w,cap_lens,theirs_kw,ours_kw", CASES, ids=[c[0] for c in CASES])
+# non_square's 16x24 shape is also covered by proportional_attention: it runs in the slow suite.
+@pytest.mark.parametrize("name,h,w,cap_lens,theirs_kw,ours_kw",
+                         [pytest.param(*c, id=c[0], marks=pytest.mark.slow if c[0] == "non_square" else ()) for c in CASES])
 def test_parity(pair, name, h, w, cap_lens, theirs_kw, ours_kw):
     x, t, cap, mask = _inputs(pair[1], h, w, cap_lens=cap_lens, seed=sum(map(ord, name)))
     _compare(pair, x, t, cap, mask, theirs_kw, ours_kw)

@@ -30,7 +30,8 @@ def joint():
                       text_len=2)
     model = registry.build(cfg)
     packed, t, kw = registry.example_inputs(cfg, batch=N, size=SIDE)
-    params = _randomise(model.init(jax.random.key(0), packed, t, **kw)["params"], jax.random.key(1))
+    init = jax.jit(lambda k: _randomise(model.init(k, packed, t, **kw)["params"], jax.random.key(1)))  # one compile
+    params = init(jax.random.key(0))
     config = ml_collections.ConfigDict(dict(data=dict(image_size=SIDE), flow=dict(path="linear")))
     s = types.SimpleNamespace(model=model, model_cfg=cfg, config=config)
     return s, params, jax.jit(lambda p, x, t, xt, tt: model.apply({"params": p}, x, t, text=xt, t_text=tt))
@@ -138,7 +139,8 @@ def test_joint_task_draws_independent_times_and_sums_both_losses(joint):
     assert d["x0_text"].shape == text.shape and not np.allclose(d["t"], d["t_text"])
     big = task.draw(jax.random.key(9), tok.pack_for(cfg, jnp.zeros((4096, 1, 4, 4, 1))), {"text": jnp.zeros((4096, 2, 4))})
     assert abs(np.corrcoef(big["t"], big["t_text"])[0, 1]) < 0.05  # independent draws
-    loss = task.loss(lambda p, t, **kw: s.model.apply({"params": params}, p, t, **kw), packed, {"text": text}, d)
+    loss = jax.jit(lambda pk, c, dr: task.loss(lambda p, t, **kw: s.model.apply({"params": params}, p, t, **kw),
+                                                 pk, c, dr))(packed, {"text": text}, d)
     # By hand: the linear path, velocity targets x1 - x0, both modalities' mean squared errors summed.
     te, tt = d["t"][:, None, None], d["t_text"][:, None, None]
     vi, vt = apply(params, packed.replace(tokens=te * packed.tokens + (1 - te) * d["x0"]), d["t"],
