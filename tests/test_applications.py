@@ -251,6 +251,7 @@ def test_edit_endpoints(next_pipe):
     assert np.isfinite(mid).all() and not np.allclose(mid, src) and not np.allclose(mid, plain)
 
 
+@pytest.mark.slow
 def test_edit_upsamples_images_and_normalises_channels(flag_pipe):
     images = jnp.tanh(jax.random.normal(jax.random.key(6), (2, 16, 16, 3)))
     out = editing.edit(flag_pipe, ["a cat", "a dog"], 32, 32, source_images=images, seed=0, normalize="source",

@@ -253,7 +253,7 @@ def test_load_diffusers_bfloat16_folder(tmp_path):
 
 
 @pytest.mark.parametrize("height,width,shift", [(128, 128, 1.0), pytest.param(128, 192, 3.0, marks=pytest.mark.slow),
-                                                (96, 128, 1.0)])
+                                                pytest.param(96, 128, 1.0, marks=pytest.mark.slow)])
 def test_whole_sampling_run_matches_lumina_text2img_pipeline(height, width, shift):
     """diffusers' LuminaPipeline (was LuminaText2ImgPipeline; transformer + FlowMatchEulerDiscreteScheduler, Euler in
     sigma, first-3-channel CFG, proportional attention, RoPE scaled by sqrt(HW)/S with watershed

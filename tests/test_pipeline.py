@@ -35,6 +35,7 @@ def next_pipe():
     return pl.LuminaNextPipeline(model, params, vae=StubVAE(), text_encoder=HashEncoder(max_len=6), train_image_size=32)
 
 
+@pytest.mark.slow
 def test_batched_prompts_equal_single_prompts(next_pipe):
     """Each image of a batched call equals the image of its own single-prompt call with the same noise."""
     lat = jax.random.normal(jax.random.key(3), (2, 16, 16, 4))
