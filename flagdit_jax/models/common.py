@@ -349,9 +349,8 @@ def cross_attention_inputs(cap_feats, cap_mask, regions, dtype):
     return regions.feats.astype(dtype), regions.mask.astype(bool), regions.region.astype(bool)
 
 
-def check_inputs(cfg: ModelConfig, packed, t, y, cap_feats, cap_mask, *, regions=None,
-                 options: InferenceOptions | None = None) -> None:
-    """Raise a ValueError naming the bad input before any compute."""
+def check_packed(cfg: ModelConfig, packed) -> None:
+    """Raise a ValueError if the packed tokens' patch size, width or layout do not fit the model."""
     p, c = cfg.patch_size, cfg.in_channels
     if packed.patch_size != p or packed.tokens.shape[-1] != p * p * c:
         raise ValueError(
@@ -363,6 +362,12 @@ def check_inputs(cfg: ModelConfig, packed, t, y, cap_feats, cap_mask, *, regions
             f"packed layout nextline={packed.nextline}, nextframe={packed.nextframe} does not match the "
             f"model's nextline={cfg.nextline}, nextframe={cfg.nextframe}"
         )
+
+
+def check_inputs(cfg: ModelConfig, packed, t, y, cap_feats, cap_mask, *, regions=None,
+                 options: InferenceOptions | None = None) -> None:
+    """Raise a ValueError naming the bad input before any compute."""
+    check_packed(cfg, packed)
     b = packed.tokens.shape[0]
     if t.shape != (b,):
         raise ValueError(f"t must have shape [B]=({b},), got {t.shape}")

@@ -156,13 +156,7 @@ class JointDiT(nn.Module):
 
 def check_inputs(cfg: JointConfig, packed, t, text, t_text) -> None:
     """Raise a ValueError naming the bad input before any compute."""
-    p, ch = cfg.patch_size, cfg.in_channels
-    if packed.patch_size != p or packed.tokens.shape[-1] != p * p * ch:
-        raise ValueError(f"packed tokens have patch_size={packed.patch_size} and width {packed.tokens.shape[-1]}; "
-                         f"the model expects patch_size={p} and width p*p*C={p * p * ch}")
-    if packed.nextline != cfg.nextline or packed.nextframe != cfg.nextframe:
-        raise ValueError(f"packed layout nextline={packed.nextline}, nextframe={packed.nextframe} does not match the "
-                         f"model's nextline={cfg.nextline}, nextframe={cfg.nextframe}")
+    common.check_packed(cfg, packed)
     b = packed.tokens.shape[0]
     for name, v in (("t", t), ("t_text", t_text)):
         if v is None or jnp.shape(v) != (b,):
