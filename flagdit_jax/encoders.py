@@ -7,6 +7,11 @@ trains). `encode_cache(config)` writes image latents and caption embeddings + ma
 in `config.encode.splits` to `config.data.options.data_dir` (`data/encoded.py`), so training never
 runs an encoder; sampling runs the text encoder on the user's prompts and decodes with the VAE.
 
+Video: `config.encode.source='moving_mnist'` (`CLIP_SOURCES`) is read as clips (`raw=True`: frames
+[T, H, W, C] + caption text); each frame goes through the VAE on its own and the cache stores
+[T, h, w, c] latents (`configs/t2v/mnist.py:latent`). Its captions are word embeddings, so its
+`config.text_encoder.path` is 'source': the raw source's own `caption_encoder()`.
+
 Class-conditional ImageNet configs (`config.encode.source='imagenet'`, `data.name='latents'`) have no
 text encoder: `encode_imagenet` writes the VAE posteriors of the ADM centre crops and of their mirror
 images (`data/latents.py`, FDL2 shards), from which training draws the flip and the sample.
@@ -28,11 +33,38 @@ def text_encoder_path(config) -> pathlib.Path:
     return pathlib.Path(path)
 
 
-def load_text_encoder(config):
-    """`config.text_encoder` -> a `text.TextEncoder` (prompts -> (feats [B, S, D], mask [B, S]))."""
+# Raw sources of clips for `flagdit encode`: read with raw=True (caption text, not embeddings).
+CLIP_SOURCES = ("moving_mnist",)
+
+
+def raw_source(config, split: str):
+    """The raw source `flagdit encode` reads for `split`: `config.encode.source` with its options
+    (clip sources with raw=True)."""
+    from flagdit_jax.data import pipeline
+
+    ec = config.encode
+    opts = dict(ec.get("options", {}))
+    if ec.source in CLIP_SOURCES:
+        opts["raw"] = True
+    elif ec.source not in pipeline.SOURCES or ec.source in pipeline.CAPTIONED_SOURCES:
+        raise ValueError(f"config.encode.source={ec.source!r}; expected a raw image-text source "
+                         f"('mnist_t2i' or 'image_text') or a clip source {CLIP_SOURCES}")
+    return pipeline.get_source(ec.source, split, **opts)
+
+
+def load_text_encoder(config, source=None):
+    """`config.text_encoder` -> a `text.TextEncoder` (prompts -> (feats [B, S, D], mask [B, S])).
+    Path 'source': the raw source's own `caption_encoder()` (`source`, or the eval split of
+    `config.encode.source`)."""
     from flagdit_jax.text.encoder import load_text_encoder as load
 
     tc = config.text_encoder
+    if str(tc.path) == "source":
+        source = source if source is not None else raw_source(config, "eval")
+        if not hasattr(source, "caption_encoder"):
+            raise ValueError(f"config.text_encoder.path='source' but {type(source).__name__} has no caption_encoder(); "
+                             "expected a source with its own caption embeddings (e.g. 'moving_mnist')")
+        return source.caption_encoder()
     return load(text_encoder_path(config), tc.get("kind") or None, dtype=tc.get("dtype", "float32"))
 
 
@@ -68,7 +100,7 @@ def encode_cache(config, *, overwrite: bool = False) -> dict[str, list[str]]:
 
     `config.encode.source='imagenet'` (class-conditional ImageNet, `data.name='latents'`) goes to
     `encode_imagenet`; the image-text sources to `data.encoded.encode_dataset`."""
-    from flagdit_jax.data import encoded, pipeline
+    from flagdit_jax.data import encoded
 
     if config.get("encode") and config.encode.get("source") == "imagenet":
         return encode_imagenet(config, overwrite=overwrite)
@@ -76,15 +108,17 @@ def encode_cache(config, *, overwrite: bool = False) -> dict[str, list[str]]:
         raise ValueError(f"flagdit encode writes the cache an 'encoded' config trains on; config.data.name="
                          f"{config.data.name!r}")
     ec = config.encode
-    if ec.source not in pipeline.SOURCES or ec.source in pipeline.CAPTIONED_SOURCES:
-        raise ValueError(f"config.encode.source={ec.source!r}; expected a raw image-text source "
-                         "('mnist_t2i' or 'image_text')")
     prefixes = {split: cache_prefix(config, split) for split in ec.splits}  # bad paths fail before loading
-    vae, text = load_vae(config), load_text_encoder(config)
+    raws = {split: raw_source(config, split) for split in ec.splits}
+    own_text = str(config.text_encoder.path) == "source"
+    vae = load_vae(config)
+    text = None if own_text else load_text_encoder(config)
     n, i = jax.process_count(), jax.process_index()
     written = {}
     for split, prefix in prefixes.items():
-        raw = pipeline.get_source(ec.source, split, **dict(ec.get("options", {})))
+        raw = raws[split]
+        if own_text:  # word embeddings: the same table in every split (the source's embed_seed)
+            text = load_text_encoder(config, raw)
         shards = int(ec.num_shards)
         lo, hi = i * shards // n, (i + 1) * shards // n
         pathlib.Path(prefix).parent.mkdir(parents=True, exist_ok=True)

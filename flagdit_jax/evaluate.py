@@ -33,10 +33,12 @@ def run(config, workdir: str | pathlib.Path) -> dict:
         from flagdit_jax.eval import joint_eval
 
         return joint_eval.run(config, workdir)
-    if config.data.name in MODALITY_EVALS:
+    # A modality's latent cache ('encoded' from e.g. moving_mnist) is judged as its raw source is.
+    name = config.encode.source if config.data.name == "encoded" and config.get("encode") else config.data.name
+    if name in MODALITY_EVALS:
         import importlib
 
-        return importlib.import_module(MODALITY_EVALS[config.data.name]).run(config, workdir)
+        return importlib.import_module(MODALITY_EVALS[name]).run(config, workdir)
     if config.data.name != "mnist":
         raise ValueError(f"flagdit eval supports the embedded runs (config.data.name='mnist', or 'encoded' from "
                          f"'mnist_t2i'); got {config.data.name!r} (ImageNet FID needs the user's Inception weights)")

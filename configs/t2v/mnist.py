@@ -9,6 +9,16 @@ and at 6 frames (duration extrapolation), beside the same reading of real clips.
     flagdit train --config configs/t2v/mnist.py --workdir runs/t2v             # Next-DiT, 3-D RoPE
     flagdit train --config configs/t2v/mnist.py:flag --workdir runs/t2v_flag   # Flag-DiT, [nextline] / [nextframe]
     flagdit sample --workdir runs/t2v && flagdit eval --workdir runs/t2v
+
+`:latent` is the same Next-DiT in the latent space of the project's autoencoder (8 channels, 4x down:
+a 32x32 frame is 8x8x8, patch 2 = 16 tokens per frame, as the pixel run's patch 8), as the video
+papers train: `flagdit encode` puts every frame of every clip through the VAE once, and sampling /
+eval decode the latent frames back to pixels.
+
+    flagdit autoencoder --config configs/autoencoder/mnist.py --workdir runs/autoencoder   # runs/autoencoder/vae
+    flagdit encode --config configs/t2v/mnist.py:latent                                     # -> runs/t2v_cache
+    flagdit train --config configs/t2v/mnist.py:latent --workdir runs/t2v_latent
+    flagdit eval --workdir runs/t2v_latent
 """
 
 import ml_collections
@@ -25,9 +35,15 @@ _MODELS = {
 }
 
 
+# The clips (pixels): both the pixel runs' data and what `flagdit encode` reads for :latent.
+_CLIPS = dict(frames=(3, 4), canvas=32, digit_size=16, speeds=(1, 3), max_frames=6, cap_dim=32, cap_len=8)
+
+
 def get_config(arg="next"):
+    if arg == "latent":
+        return _latent()
     if arg not in _MODELS:
-        raise ValueError(f"configs/t2v/mnist.py:{arg}; expected one of {sorted(_MODELS)}")
+        raise ValueError(f"configs/t2v/mnist.py:{arg}; expected one of {sorted(_MODELS) + ['latent']}")
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.total_steps = 2400
@@ -44,8 +60,7 @@ def get_config(arg="next"):
     # task's grids (they draw at the data's own sizes) but validated.
     c.data = ml_collections.ConfigDict(dict(
         name="moving_mnist", image_size=32, channels=1, worker_count=0, buckets=(),
-        options=ml_collections.ConfigDict(dict(frames=(3, 4), canvas=32, digit_size=16, speeds=(1, 3), max_frames=6,
-                                                cap_dim=32, cap_len=8))))
+        options=ml_collections.ConfigDict(_CLIPS)))
 
     c.flow = ml_collections.ConfigDict(dict(path="linear", time_sampler="lognorm", prediction="velocity"))
     c.optim = ml_collections.ConfigDict(dict(lr=2e-3, b1=0.9, b2=0.999, weight_decay=0.0, grad_clip=2.0,
@@ -58,4 +73,24 @@ def get_config(arg="next"):
                                               use_ema=True))
     # frames: the trained lengths and a longer one (extrapolation; <= data.options.max_frames).
     c.eval = ml_collections.ConfigDict(dict(num_samples=96, batch=48, frames=(3, 4, 5, 6), classifier_steps=800))
+    return c
+
+
+def _latent():
+    """Next-DiT (3-D RoPE) on VAE latents of the same clips: 8x8x8 per frame, patch 2."""
+    c = get_config("next")
+    # Steps: sized to ~15 min of the 2 cores (the pixel run, same token count, ran ~5 steps/s).
+    c.total_steps = 4000
+    # The frozen encoders: the VAE once in `flagdit encode` and again to decode samples; the captions are
+    # the source's own word embeddings ('source': MovingMnistSource.caption_encoder), as in the pixel run.
+    c.text_encoder = ml_collections.ConfigDict(dict(path="source"))
+    c.vae = ml_collections.ConfigDict(dict(path="runs/autoencoder/vae"))  # flagdit autoencoder --workdir runs/autoencoder
+    c.encode = ml_collections.ConfigDict(dict(
+        source="moving_mnist", options=ml_collections.ConfigDict(_CLIPS), splits=("train", "eval"),
+        num_shards=4, batch_size=64, sample_posterior=False))
+    c.model.update(patch_size=2, in_channels=8)
+    # image_size: the latent side (32 px / 4); buckets () = one per frame count (48 and 64 tokens).
+    c.data = ml_collections.ConfigDict(dict(
+        name="encoded", image_size=8, channels=8, worker_count=0, buckets=(),
+        options=ml_collections.ConfigDict(dict(data_dir="runs/t2v_cache"))))
     return c

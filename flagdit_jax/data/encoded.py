@@ -3,7 +3,9 @@
 Training never runs the VAE or the text encoder (the official T2I trainers run both at every step,
 LT `lumina_t2i/train.py`; here they run once over the data). `encode_dataset` takes a raw source
 (`source[i]` -> {'image' [H, W, C] in [-1, 1], 'caption' str, integer metadata...}, e.g.
-`mnist_t2i.MnistT2I` or `image_text.ImageTextFolder`), and writes
+`mnist_t2i.MnistT2I` or `image_text.ImageTextFolder`; or clips, 'frames' [T, H, W, C] instead of
+'image', e.g. `moving_mnist.MovingMnistSource(raw=True)`, whose frames go through the VAE one by
+one, as the video papers encode theirs), and writes
 
   {prefix}-{s:05d}-of-{n:05d}.array_record   one record per example, shards hold contiguous runs
   {prefix}-{s:05d}-of-{n:05d}.json           that shard's rows, latent shapes and caption lengths
@@ -15,7 +17,8 @@ The shard's .json is written after its records, so a shard without one is an unf
 
 Record layout: magic `FDT1`, a little-endian uint32 field count, then per field a uint16 name length,
 a uint64 data length, the UTF-8 name and the field as `.npy` bytes (shape and dtype, no pickle):
-'latent' [h, w, c] float32 (scaled, as `vae.encode` returns it), 'cap_feats' [s_i, D] (trimmed to
+'latent' [h, w, c] float32 (scaled, as `vae.encode` returns it; [T, h, w, c] for a clip, frame k the
+encoding of frame k alone), 'cap_feats' [s_i, D] (trimmed to
 the caption's own length), 'caption' (the text, a 0-d unicode array) and every integer metadata
 field of the raw record ('label', 'size', 'box', ...).
 
@@ -130,13 +133,29 @@ def _metadata(record: dict, index: int) -> dict[str, np.ndarray]:
         a = np.asarray(v)
         if a.dtype.kind in "iub":
             out[k] = a
-    if "image" not in record or "caption" not in record:
-        raise ValueError(f"raw record {index} has keys {sorted(record)}; expected 'image' [H, W, C] and 'caption' str")
+    if ("image" in record) == ("frames" in record) or "caption" not in record:
+        raise ValueError(f"raw record {index} has keys {sorted(record)}; expected 'caption' str and one of "
+                         "'image' [H, W, C] or 'frames' [T, H, W, C]")
     return out
 
 
+def _clip(record: dict, index: int) -> tuple[np.ndarray, bool]:
+    """A raw record's pixels as a clip `[T, H, W, C]` float32, and whether it is one ('frames') rather
+    than an image ('image', T = 1)."""
+    if "frames" in record:
+        clip = np.asarray(record["frames"], np.float32)
+        if clip.ndim != 4 or clip.shape[0] < 1:
+            raise ValueError(f"raw record {index} 'frames' has shape {clip.shape}; expected [T >= 1, H, W, C]")
+        return clip, True
+    image = np.asarray(record["image"], np.float32)
+    if image.ndim != 3:
+        raise ValueError(f"raw record {index} 'image' has shape {image.shape}; expected [H, W, C]")
+    return image[None], False
+
+
 class _ShardEncoder:
-    """Reads one shard's records, encodes same-size images in batches, writes in index order."""
+    """Reads one shard's records, encodes same-size images (or clips: same T too) in batches, writes
+    in index order."""
 
     def __init__(self, source, vae, text_encoder, rows, *, batch_size, sample_posterior, seed, cap_dtype,
                  cap_dim, writer, progress):
@@ -144,7 +163,7 @@ class _ShardEncoder:
         self.batch_size, self.sample_posterior, self.seed = batch_size, sample_posterior, seed
         self.cap_dtype, self.cap_dim, self.writer, self.progress = cap_dtype, cap_dim, writer, progress
         self.rows, self.done, self.next = rows, {}, 0
-        self.shapes, self.cap_lens, self.meta_keys = [], [], None
+        self.shapes, self.cap_lens, self.meta_keys, self.is_clip = [], [], None, None
 
     def run(self):
         pending: dict[tuple, list] = {}
@@ -154,9 +173,13 @@ class _ShardEncoder:
         for i in self.rows:
             r = self.source[int(i)]
             meta = _metadata(r, int(i))
-            image, caption = np.asarray(r["image"], np.float32), r["caption"]
-            if image.ndim != 3:
-                raise ValueError(f"raw record {i} 'image' has shape {image.shape}; expected [H, W, C]")
+            image, is_clip = _clip(r, int(i))
+            caption = r["caption"]
+            if self.is_clip is None:
+                self.is_clip = is_clip
+            elif is_clip != self.is_clip:  # one latent rank per cache: the reader's shapes are one table
+                raise ValueError(f"raw record {i} has {'frames' if is_clip else 'image'}, record {self.rows[0]} had "
+                                 f"{'frames' if self.is_clip else 'image'}; a cache holds images or clips, not both")
             if not isinstance(caption, str):
                 raise ValueError(f"raw record {i} 'caption' is {type(caption).__name__}; expected str")
             if self.meta_keys is None:
@@ -178,7 +201,9 @@ class _ShardEncoder:
 
     def _encode(self, group):
         idx = [g[0] for g in group]
-        images = np.stack([g[1] for g in group])
+        clips = np.stack([g[1] for g in group])  # [B, T, H, W, C]: same shape within a group
+        b, t = clips.shape[:2]
+        images = clips.reshape(b * t, *clips.shape[2:])  # every frame on its own through the VAE
         if self.sample_posterior:
             import jax
 
@@ -187,8 +212,11 @@ class _ShardEncoder:
         else:
             latents = self.vae.encode(images)
         latents = np.asarray(latents, np.float32)
-        if latents.ndim != 4 or latents.shape[0] != len(group):
+        if latents.ndim != 4 or latents.shape[0] != b * t:
             raise ValueError(f"vae.encode(images {images.shape}) gave {latents.shape}; expected [B, h, w, c]")
+        latents = latents.reshape(b, t, *latents.shape[1:])
+        if not self.is_clip:
+            latents = latents[:, 0]
         if not np.isfinite(latents).all():
             raise ValueError(f"vae.encode gave non-finite latents for records {idx}")
         feats, mask = _encode_text(self.text_encoder, [g[2] for g in group], f"records {idx}")
@@ -219,15 +247,17 @@ def encode_dataset(raw_source, vae, text_encoder, path_prefix: str, *, num_shard
     """Encodes `raw_source` once and writes the cache (module docstring); returns the shard files written.
 
     Args:
-      raw_source: `len()` and `source[i]` -> {'image' [H, W, C] float in [-1, 1], 'caption' str, ...};
-        integer fields ('label', 'size', 'box', ...) are kept as metadata.
+      raw_source: `len()` and `source[i]` -> {'image' [H, W, C] float in [-1, 1], 'caption' str, ...},
+        or clips: 'frames' [T, H, W, C] instead of 'image' (all records one or the other; T may vary,
+        each frame is encoded alone); integer fields ('label', 'size', 'box', ...) are kept as metadata.
       vae: `vae.encode(images [B, H, W, C]) -> scaled latents [B, h, w, c]`; with
         `sample_posterior`, `vae.encode(images, sample=True, rng=jax key)` (key = fold_in(key(seed),
         first record of the batch)). Its `scaling_factor` / `shift_factor` / `downsample` go to the sidecar.
       text_encoder: `text_encoder(list[str]) -> (feats [B, S, D] float32, mask [B, S] bool)`, right-padded.
       path_prefix: files `{path_prefix}-NNNNN-of-NNNNN.array_record` (+ .json), `{path_prefix}.json`.
       num_shards: shards over contiguous runs of records (`np.array_split`), record i is row i.
-      batch_size: records per encoder call; a batch holds images of one size only.
+      batch_size: records per encoder call (batch_size * T frames for clips); a batch holds records of
+        one size (and frame count) only.
       cap_dtype: 'float16' or 'float32', the stored caption features.
       shard_range: `(first, stop)` shard indices this call writes (default all): one call per host
         writes a disjoint range; the call that writes shard 0 also writes the sidecar.
@@ -304,9 +334,10 @@ def encode_dataset(raw_source, vae, text_encoder, path_prefix: str, *, num_shard
 class EncodedSource:
     """Grain random-access source over an `encode_dataset` cache (the captioned-source protocol).
 
-    `source[i]` -> {'frames' [1, h, w, c] float32 (scaled latents), 'cap_feats' [cap_len, D] float32
-    (zeros past the caption), 'cap_mask' [cap_len] bool, 'label' int32 (-1 when the data has none),
-    and the cached metadata fields}; `frame_shapes()` -> [N, 3]; `null_caption()`; `caption(i)` -> str.
+    `source[i]` -> {'frames' [T, h, w, c] float32 (scaled latents; T = 1 for images, the clip's own
+    frame count for clips), 'cap_feats' [cap_len, D] float32 (zeros past the caption), 'cap_mask'
+    [cap_len] bool, 'label' int32 (-1 when the data has none), and the cached metadata fields};
+    `frame_shapes()` -> [N, 3] (T, h, w); `null_caption()`; `caption(i)` -> str.
 
     Args:
       path_prefix: as given to `encode_dataset`.
@@ -328,7 +359,7 @@ class EncodedSource:
         if len(self.files) != self.info["num_shards"]:
             raise ValueError(f"{self.path_prefix!r} has {len(self.files)} shards but its sidecar says "
                              f"{self.info['num_shards']}")
-        shapes, lens, stop = [], [], 0
+        shapes, lens, stop = [], [], 0  # shapes: [h, w, c] per image record, [T, h, w, c] per clip
         for path in self.files:
             meta_path = shard_meta_path(path)
             if not os.path.isfile(meta_path):
@@ -343,7 +374,15 @@ class EncodedSource:
         if stop != self.info["num_records"]:
             raise ValueError(f"the shards of {self.path_prefix!r} hold {stop} records; the sidecar says "
                              f"{self.info['num_records']}")
-        self.latent_shapes = np.asarray(shapes, np.int64).reshape(-1, 3)
+        ranks = {len(x) for x in shapes}
+        if not ranks <= {3, 4} or len(ranks) > 1:
+            raise ValueError(f"the shards of {self.path_prefix!r} list latent shapes of ranks {sorted(ranks)}; "
+                             "expected all [h, w, c] (images) or all [T, h, w, c] (clips)")
+        table = np.asarray(shapes, np.int64).reshape(len(shapes), -1)
+        if table.shape[1] == 3:
+            table = np.concatenate([np.ones((len(table), 1), np.int64), table], axis=1)
+        self.frame_counts = table[:, 0]  # [N]: 1 for image records
+        self.latent_shapes = table[:, 1:]  # [N, 3]: (h, w, c) of each frame
         self.cap_lens = np.asarray(lens, np.int64)
         null = self.info["null_caption"]
         longest = max(int(self.cap_lens.max()), int(null["length"]))
@@ -366,8 +405,8 @@ class EncodedSource:
         return float(self.info["latent_scale"])
 
     def frame_shapes(self) -> np.ndarray:
-        """`[N, 3]` (T=1, h, w) latent sizes, from the shards' .json files (no record is read)."""
-        return np.concatenate([np.ones((len(self), 1), np.int64), self.latent_shapes[:, :2]], axis=1)
+        """`[N, 3]` (T, h, w) latent sizes (T = 1 for images), from the shards' .json files (no record is read)."""
+        return np.concatenate([self.frame_counts[:, None], self.latent_shapes[:, :2]], axis=1)
 
     def _pad(self, feats: np.ndarray) -> dict[str, np.ndarray]:
         out = np.zeros((self.cap_len, self.cap_dim), np.float32)
@@ -381,7 +420,9 @@ class EncodedSource:
     def _decode(self, record: bytes) -> dict[str, np.ndarray]:
         fields = decode_record(record)
         latent, caption = fields.pop("latent"), fields.pop("caption")
-        out = {"frames": latent.astype(np.float32)[None], **self._pad(fields.pop("cap_feats").astype(np.float32))}
+        frames = latent.astype(np.float32)
+        frames = frames[None] if frames.ndim == 3 else frames  # an image is a one-frame clip
+        out = {"frames": frames, **self._pad(fields.pop("cap_feats").astype(np.float32))}
         out["label"] = np.int32(fields.pop("label", -1))
         out.update(fields)
         return out

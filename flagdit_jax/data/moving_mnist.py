@@ -13,6 +13,11 @@ The start is chosen so that the digit's whole box stays on the canvas for `max_f
 only the record's own T): the same motion can be sampled longer than it was trained (duration
 extrapolation) without leaving the canvas. `clip(i, num_frames)` renders record i at any length up
 to `max_frames`, which is how the evaluator gets real clips at extrapolated lengths.
+
+With `raw=True` a record carries its caption as text ("digit_7 moves left fast") instead of
+embeddings: the raw form `flagdit encode` reads (`data/encoded.py`, frame by frame through the VAE),
+with `caption_encoder()` as its text encoder (the same fixed word embeddings), so the latent-space
+run (`configs/t2v/mnist.py:latent`) conditions on exactly the features the pixel run does.
 """
 
 from __future__ import annotations
@@ -80,11 +85,13 @@ class MovingMnistSource:
       repeats: each digit appears `repeats` times with independent motions; `len = repeats * n_digits`.
       cap_dim, cap_len, embed_seed: the caption embeddings (`WordCaptions`).
       seed: fixes every record's motion.
+      raw: records carry 'caption' (the words after <bos>, as text) instead of 'cap_feats' / 'cap_mask'
+        (the form `flagdit encode` reads; `caption_encoder()` embeds the text).
     """
 
     def __init__(self, split: str = "train", *, frames=(3, 4), canvas: int = 32, digit_size: int = 16,
                  speeds=(1, 3), max_frames: int = 6, repeats: int = 2, cap_dim: int = 32, cap_len: int = 8,
-                 seed: int = 0, embed_seed: int = 0):
+                 seed: int = 0, embed_seed: int = 0, raw: bool = False):
         frames = tuple(frames) if not isinstance(frames, (int, np.integer)) else (frames,)
         if not frames:
             raise ValueError("frames=(); expected at least one frame count")
@@ -108,7 +115,9 @@ class MovingMnistSource:
             raise ValueError(f"seed={seed!r}; expected an int in [0, 2**32)")
         if cap_len < 5:
             raise ValueError(f"cap_len={cap_len}; the captions have 5 words, expected cap_len >= 5")
-        self.split, self.seed = split, int(seed)
+        if not isinstance(raw, (bool, np.bool_)):
+            raise ValueError(f"raw={raw!r}; expected a bool")
+        self.split, self.seed, self.raw = split, int(seed), bool(raw)
         self.images, self.labels = mnist.load_split(split)
         self.captions = WordCaptions(_WORDS, cap_dim=cap_dim, cap_len=cap_len, embed_seed=embed_seed)
 
@@ -146,6 +155,14 @@ class MovingMnistSource:
         return ["<bos>", f"digit_{self.label(index)}", "moves", DIRECTION_WORDS[m["direction"]],
                 SPEED_WORDS[m["speed"]]]
 
+    def caption_text(self, index: int) -> str:
+        """Record `index`'s caption as text, the words after <bos>: 'digit_7 moves left fast'."""
+        return " ".join(self.caption_words(index)[1:])
+
+    def caption_encoder(self) -> "WordCaptionEncoder":
+        """The text encoder of `caption_text`: this source's word embeddings (`WordCaptionEncoder`)."""
+        return WordCaptionEncoder(self.captions)
+
     def label(self, index: int) -> int:
         return int(self.labels[self._index(index) % len(self.labels)])
 
@@ -161,10 +178,12 @@ class MovingMnistSource:
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         index = self._index(index)
         m = self.motion(index)
+        out = {"frames": self.clip(index), "label": np.int32(self.label(index)),
+               "direction": np.int32(m["direction"]), "speed": np.int32(m["speed"])}
+        if self.raw:
+            return {**out, "caption": self.caption_text(index)}
         feats, mask = self.captions.encode(self.caption_words(index))
-        return {"frames": self.clip(index), "cap_feats": feats, "cap_mask": mask,
-                "label": np.int32(self.label(index)), "direction": np.int32(m["direction"]),
-                "speed": np.int32(m["speed"])}
+        return {**out, "cap_feats": feats, "cap_mask": mask}
 
     @staticmethod
     def save_media(path_stem, frames, *, scale: int = 2, frame_ms: int = 250) -> list[pathlib.Path]:
@@ -191,4 +210,24 @@ class MovingMnistSource:
 
     def __repr__(self) -> str:
         return (f"MovingMnistSource(split={self.split!r}, n={len(self)}, frames={self.frames}, canvas={self.canvas}, "
-                f"digit_size={self.digit_size}, speeds={self.speeds}, max_frames={self.max_frames})")
+                f"digit_size={self.digit_size}, speeds={self.speeds}, max_frames={self.max_frames}, raw={self.raw})")
+
+
+class WordCaptionEncoder:
+    """A text encoder over fixed word embeddings (`words.WordCaptions`), for `flagdit encode`:
+    `encoder(texts: list[str]) -> (feats [B, cap_len, cap_dim] float32, mask [B, cap_len] bool)`.
+    A text is its words split on spaces, after an implicit <bos>; "" is <bos> alone (the null caption)."""
+
+    name = "word_embeddings"
+
+    def __init__(self, captions):
+        self.captions = captions
+        self.max_length = int(captions.cap_len)
+
+    def __call__(self, texts) -> tuple[np.ndarray, np.ndarray]:
+        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+            raise ValueError(f"texts={texts!r}; expected a list of str")
+        pairs = [self.captions.encode(["<bos>", *t.split()]) for t in texts]
+        if not pairs:
+            raise ValueError("texts=[]; expected at least one caption")
+        return np.stack([f for f, _ in pairs]), np.stack([m for _, m in pairs])

@@ -14,7 +14,10 @@ each clip `[T, H, W, 1]` in [-1, 1] (background -1) is read by a centroid tracke
 The same reading of real clips of the same records gives the floor a perfect generator would reach.
 
 `run(config, workdir)` (`flagdit eval` for data.name 'moving_mnist') does this at every length in
-`config.eval.frames`: the trained frame counts and longer ones (duration extrapolation).
+`config.eval.frames`: the trained frame counts and longer ones (duration extrapolation). A latent-space
+run (`configs/t2v/mnist.py:latent`: data.name 'encoded' from encode.source 'moving_mnist') samples
+latent frames, decodes each through the run's VAE and is read the same way; the real clips, motions
+and captions come from the raw source the cache was encoded from (record i of both is the same clip).
 """
 
 from __future__ import annotations
@@ -147,15 +150,38 @@ def save_strip(path: pathlib.Path, clips, rows: int = 8) -> None:
     sample.save_grid(path, x.reshape(n * t, h, w, c), rows=n)
 
 
+def clip_sources(config, split: str = "eval"):
+    """`(source, clips, vae)`: the run's own source (what conditions the samples: moving MNIST, or its
+    'encoded' latent cache), the raw `MovingMnistSource` (real clips, motions, geometry) and the VAE
+    that decodes latent frames (None in pixel space)."""
+    from flagdit_jax import encoders, train
+    from flagdit_jax.data.moving_mnist import MovingMnistSource
+
+    source = train.make_source(config, split)
+    if isinstance(source, MovingMnistSource):
+        return source, source, None
+    if config.data.name != "encoded" or not config.get("encode") or config.encode.get("source") != "moving_mnist":
+        raise ValueError(f"video eval needs moving MNIST: config.data.name='moving_mnist', or 'encoded' with "
+                         f"config.encode.source='moving_mnist'; got data.name={config.data.name!r}")
+    clips = encoders.raw_source(config, split)
+    if len(clips) != len(source) or not np.array_equal(clips.frame_shapes()[:, 0], source.frame_shapes()[:, 0]):
+        raise ValueError(f"the {split} cache {source!r} does not match config.encode's source {clips!r} (record "
+                         "count or frame counts differ): re-run `flagdit encode` with this config")
+    return source, clips, encoders.load_vae(config)
+
+
 def run(config, workdir: str | pathlib.Path) -> dict:
     """Caption following of a text-to-video run on moving MNIST at every length in `config.eval.frames`;
     writes `eval_<step>.json`, `eval_<step>_T<T>.png` strips and `.gif` clips; returns the report."""
-    from flagdit_jax import sample, train
+    from flagdit_jax import sample
     from flagdit_jax.eval import classifier
 
     ec = config.eval
     lengths = tuple(int(t) for t in ec.get("frames", ()))
-    source = train.make_source(config, "eval")
+    cond_source, source, vae = clip_sources(config, "eval")
+    down = 1 if vae is None else int(vae.downsample)
+    if source.canvas % down:
+        raise ValueError(f"canvas {source.canvas} px is not a multiple of the VAE's downsampling {down}")
     if not lengths or min(lengths) < 2 or max(lengths) > source.max_frames:
         raise ValueError(f"config.eval.frames={lengths}; expected clip lengths in [2, {source.max_frames}] "
                          f"(config.data.options.max_frames)")
@@ -167,7 +193,7 @@ def run(config, workdir: str | pathlib.Path) -> dict:
     params, s, step = sample.load_params(config, workdir, use_ema=config.sample.use_ema)
     clf_params, info = classifier.load_or_train(workdir, steps=ec.get("classifier_steps") or None)
     records = np.random.default_rng(config.seed).permutation(len(source))[:n]
-    elements = [source[int(i)] for i in records]
+    elements = [cond_source[int(i)] for i in records]
     cond = s.task.collate(elements)
     truth = {k: np.array([e[k] for e in elements]) for k in ("label", "direction", "speed")}
     common = dict(classifier_params=clf_params, digit_size=source.digit_size, speeds_px=source.speeds)
@@ -175,24 +201,33 @@ def run(config, workdir: str | pathlib.Path) -> dict:
     by_frames = {}
     for t in lengths:
         t1 = time.time()
-        clips = sample.generate(config, params, s, cond, seed=config.seed + 1 + t, shape=(t, source.canvas, source.canvas),
-                                batch=ec.batch)
+        side = source.canvas // down
+        clips = sample.decode(vae, sample.generate(config, params, s, cond, seed=config.seed + 1 + t,
+                                                   shape=(t, side, side), batch=ec.batch))
         seconds = time.time() - t1
         real = np.stack([source.clip(int(i), t) for i in records])
         by_frames[str(t)] = {"generated": score(clips, truth["label"], truth["direction"], truth["speed"], **common),
                              "real_floor": score(real, truth["label"], truth["direction"], truth["speed"], **common),
                              "extrapolated": t > max(trained), "sample_seconds": round(seconds, 1)}
+        if vae is not None:  # what the VAE alone keeps: the real clips encoded and decoded frame by frame
+            z = np.asarray(vae.encode(real.reshape(-1, *real.shape[2:])), np.float32)
+            recon = sample.decode(vae, z.reshape(*real.shape[:2], *z.shape[1:]))
+            by_frames[str(t)]["vae_floor"] = score(recon, truth["label"], truth["direction"], truth["speed"], **common)
         stem = workdir / f"eval_{step}_T{t}"
         save_strip(stem.with_suffix(".png"), clips)
         source.save_media(stem, clips[:8])
         g, r = by_frames[str(t)]["generated"], by_frames[str(t)]["real_floor"]
         tag = " (extrapolated)" if t > max(trained) else ""
+        v = by_frames[str(t)].get("vae_floor")
+        through = f"   through the VAE: {v['direction']:.3f} / {v['speed']:.3f} / {v['digit']:.3f}" if v else ""
         print(f"  T={t}{tag}: direction {g['direction']:.3f}  speed {g['speed']:.3f}  digit {g['digit']:.3f} "
               f"(per frame {g['digit_frame']:.3f})  all {g['all']:.3f}   real clips: {r['direction']:.3f} / "
-              f"{r['speed']:.3f} / {r['digit']:.3f} ({r['digit_frame']:.3f}) / {r['all']:.3f}   [{seconds:.0f} s]")
+              f"{r['speed']:.3f} / {r['digit']:.3f} ({r['digit_frame']:.3f}) / {r['all']:.3f}{through}"
+              f"   [{seconds:.0f} s]")
     rep = dict(step=step, n=n, trained_frames=list(trained), by_frames=by_frames,
                captions=[" ".join(source.caption_words(int(i))) for i in records[:8]],
                classifier_heldout_accuracy=info.get("heldout_accuracy"), sampler=dict(config.sample),
+               space="pixels" if vae is None else f"latents ({config.vae.path}, decoded)",
                eval_seconds=round(time.time() - t0, 1))
     out = workdir / f"eval_{step}.json"
     out.write_text(json.dumps(rep, indent=1))
