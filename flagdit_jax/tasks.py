@@ -198,10 +198,23 @@ class Joint(FlowTask):
 
     text_shape: tuple[int, int] = (2, 16)
     dropout: float = 0.0
+    # Per modality and example, independently: probability that its time is set to the clean end
+    # (t = 1: it is the other's condition, and its own loss term is dropped) or to pure noise (t = 0:
+    # the other is trained as a marginal). 0, 0 = the time sampler alone (UniDiffuser). See
+    # configs/joint/mnist.py for why the embedded run uses them.
+    clean_prob: float = 0.0
+    noise_prob: float = 0.0
 
     def __post_init__(self):
         if self.prediction != "velocity":
             raise ValueError(f"the joint task predicts velocities; got flow.prediction={self.prediction!r}")
+        for name in ("clean_prob", "noise_prob"):
+            v = getattr(self, name)
+            if not 0.0 <= v < 1.0:
+                raise ValueError(f"config.joint.{name}={v} must be in [0, 1)")
+        if self.clean_prob + self.noise_prob >= 1.0:
+            raise ValueError(f"config.joint.clean_prob + noise_prob = {self.clean_prob} + {self.noise_prob} must be < 1 "
+                             f"(some times must come from the time sampler)")
 
     def collate(self, elements):
         text = np.stack([np.asarray(e["text"], np.float32) for e in elements])
@@ -213,13 +226,22 @@ class Joint(FlowTask):
         return {"text": jnp.zeros((b, *self.text_shape))}
 
     def draw(self, key, packed, cond):
+        """Noise 'x0' / 'x0_text', times 't' / 't_text' `[B]`, and 'w' / 'w_text' `[B]`: 0 where that
+        modality was set clean (a condition: no loss), else 1."""
         b = packed.tokens.shape[0]
-        k_noise, k_text, k_t, k_tt = jax.random.split(key, 4)
+        k_noise, k_text, k_t, k_tt, k_e = jax.random.split(key, 5)
         t0, t1 = losses.train_interval(self.path, self.prediction)
         sampler = timesteps.get_time_sampler(self.time_sampler)
+        u = jax.random.uniform(k_e, (2, b))  # one endpoint draw per modality: independent times
+        clean, noise = u < self.clean_prob, (u >= self.clean_prob) & (u < self.clean_prob + self.noise_prob)
+        times = []
+        for i, k in enumerate((k_t, k_tt)):
+            t = t0 + (t1 - t0) * sampler(k, b)
+            times.append(jnp.where(clean[i], t1, jnp.where(noise[i], t0, t)))
+        w = 1.0 - clean.astype(jnp.float32)
         return {"x0": jax.random.normal(k_noise, packed.tokens.shape, packed.tokens.dtype),
                 "x0_text": jax.random.normal(k_text, cond["text"].shape, cond["text"].dtype),
-                "t": t0 + (t1 - t0) * sampler(k_t, b), "t_text": t0 + (t1 - t0) * sampler(k_tt, b)}
+                "t": times[0], "t_text": times[1], "w": w[0], "w_text": w[1]}
 
     def loss(self, apply, packed, cond, draws):
         x_img, u_img = self.path.interpolate(draws["x0"], packed.tokens, draws["t"])
@@ -230,7 +252,7 @@ class Joint(FlowTask):
         err_img = jnp.sum((v_img - u_img.astype(jnp.float32)) ** 2, -1) / packed.tokens.shape[-1]  # [B, L]
         per_img = jnp.sum(err_img * m, 1) / jnp.maximum(jnp.sum(m, 1), 1.0)
         per_txt = jnp.mean((v_txt - u_txt.astype(jnp.float32)) ** 2, axis=(1, 2))
-        return jnp.mean(per_img + per_txt)
+        return jnp.mean(draws["w"] * per_img + draws["w_text"] * per_txt)
 
     def model_kwargs(self, cond):
         b = cond["text"].shape[0]
@@ -260,7 +282,9 @@ def get_task(config, model_cfg, source=None) -> FlowTask:
         raise ValueError(f"config.task={name!r} with a {type(model_cfg).__name__}: the joint task needs the joint "
                          f"model (preset 'joint-tiny' or a JointConfig) and the joint model needs the joint task")
     if name == "joint":
-        return Joint(text_shape=(model_cfg.text_len, model_cfg.text_dim), **common)
+        jc = config.get("joint", None) or {}
+        return Joint(text_shape=(model_cfg.text_len, model_cfg.text_dim), clean_prob=float(jc.get("clean_prob", 0.0)),
+                     noise_prob=float(jc.get("noise_prob", 0.0)), **common)
     if name == "unconditional":
         if getattr(model_cfg, "num_classes", 0) != 1 or model_cfg.class_dropout_prob:
             raise ValueError(f"config.task='unconditional' needs a one-class model without label dropout "

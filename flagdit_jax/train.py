@@ -142,6 +142,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if name == "joint" and config.data.name not in pipeline.JOINT_SOURCES:
         raise ValueError(f"config.task='joint' needs paired data with 'text' tokens; config.data.name="
                          f"{config.data.name!r} has none (expected one of {pipeline.JOINT_SOURCES})")
+    jc = config.get("joint", None)
+    if jc is not None:
+        if name != "joint":
+            raise ValueError(f"config.joint={dict(jc)} is for the joint task; config.task={name!r}")
+        unknown = sorted(set(jc.keys()) - {"clean_prob", "noise_prob"})
+        if unknown or not all(_is_num(v) for v in jc.values()):
+            raise ValueError(f"config.joint={dict(jc)}; expected numbers clean_prob and noise_prob")
+        tasks.Joint(clean_prob=float(jc.get("clean_prob", 0.0)), noise_prob=float(jc.get("noise_prob", 0.0)))
     if not 0.0 <= float(config.get("caption_dropout", 0.1)) < 1.0:
         raise ValueError(f"config.caption_dropout={config.caption_dropout} must be in [0, 1)")
     if config.data.channels != cfg.in_channels:

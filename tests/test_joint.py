@@ -130,15 +130,23 @@ def test_modes_are_one_network_at_chosen_times(joint, mode):
     np.testing.assert_allclose(out["text"], want_txt, rtol=0, atol=1e-5 * float(np.abs(want_txt).max()))
 
 
-def test_joint_task_draws_independent_times_and_sums_both_losses(joint):
+@pytest.mark.parametrize("clean,noise", [(0.0, 0.0), (0.3, 0.2)])
+def test_joint_task_draws_independent_times_and_sums_both_losses(joint, clean, noise):
     s, params, apply = joint
     cfg = s.model_cfg
-    task = tasks.Joint(path=paths.LinearPath(), time_sampler="lognorm", text_shape=(cfg.text_len, cfg.text_dim))
+    task = tasks.Joint(path=paths.LinearPath(), time_sampler="lognorm", text_shape=(cfg.text_len, cfg.text_dim),
+                       clean_prob=clean, noise_prob=noise)
     packed, text = _inputs(cfg, jax.random.key(7))
     d = task.draw(jax.random.key(8), packed, {"text": text})
     assert d["x0_text"].shape == text.shape and not np.allclose(d["t"], d["t_text"])
     big = task.draw(jax.random.key(9), tok.pack_for(cfg, jnp.zeros((4096, 1, 4, 4, 1))), {"text": jnp.zeros((4096, 2, 4))})
     assert abs(np.corrcoef(big["t"], big["t_text"])[0, 1]) < 0.05  # independent draws
+    for t, w in ((big["t"], big["w"]), (big["t_text"], big["w_text"])):
+        # The endpoints at their probabilities (binomial sd at n=4096 is <= 0.008); only clean ones lose weight.
+        assert abs(np.mean(t == 1.0) - clean) < 0.03 and abs(np.mean(t == 0.0) - noise) < 0.03
+        np.testing.assert_array_equal(w, np.where(t == 1.0, 0.0, 1.0))
+    if clean:  # make both weights vary in the small batch too
+        d = dict(d, w=jnp.array([1.0, 0.0]), w_text=jnp.array([0.0, 1.0]))
     loss = jax.jit(lambda pk, c, dr: task.loss(lambda p, t, **kw: s.model.apply({"params": params}, p, t, **kw),
                                                  pk, c, dr))(packed, {"text": text}, d)
     # By hand: the linear path, velocity targets x1 - x0, both modalities' mean squared errors summed.
@@ -148,7 +156,7 @@ def test_joint_task_draws_independent_times_and_sums_both_losses(joint):
     m = (packed.kind == tok.PATCH)[..., None]
     per_img = ((vi - (packed.tokens - d["x0"])) ** 2 * m).sum((1, 2)) / (m.sum((1, 2)) * packed.tokens.shape[-1])
     per_txt = ((vt - (text - d["x0_text"])) ** 2).mean((1, 2))
-    np.testing.assert_allclose(loss, np.mean(per_img + per_txt), rtol=1e-5)
+    np.testing.assert_allclose(loss, np.mean(d["w"] * per_img + d["w_text"] * per_txt), rtol=1e-5)
 
 
 def test_joint_config_and_task_checks():
@@ -163,6 +171,33 @@ def test_joint_config_and_task_checks():
     assert isinstance(tasks.get_task(config, cfg), tasks.Joint)
     with pytest.raises(ValueError, match="no null condition"):
         tasks.get_task(config, cfg).null_cond(2)
+    config.joint = dict(clean_prob=0.2, noise_prob=0.1)
+    task = tasks.get_task(config, cfg)
+    assert (task.clean_prob, task.noise_prob) == (0.2, 0.1)
+    for bad, msg in ((dict(clean_prob=1.0), "clean_prob=1.0 must be in"), (dict(clean_prob=0.6, noise_prob=0.5), "< 1")):
+        config.joint = bad
+        with pytest.raises(ValueError, match=msg):
+            tasks.get_task(config, cfg)
+
+
+def test_joint_time_endpoints_are_validated_with_the_config():
+    import importlib.util
+
+    from flagdit_jax import train
+    from test_train import ROOT
+
+    spec = importlib.util.spec_from_file_location("joint_mnist_config", ROOT / "configs" / "joint" / "mnist.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    train.validate(mod.get_config("joint"))
+    bad = mod.get_config("joint")
+    bad.joint.noise_prob = 0.9
+    with pytest.raises(ValueError, match="clean_prob \\+ noise_prob"):
+        train.validate(bad)
+    uncond = mod.get_config("uncond")
+    uncond.joint = ml_collections.ConfigDict(dict(clean_prob=0.2))
+    with pytest.raises(ValueError, match="config.joint=.*is for the joint task; config.task='unconditional'"):
+        train.validate(uncond)
 
 
 def test_joint_mnist_text_round_trip():
