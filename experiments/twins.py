@@ -120,6 +120,15 @@ TWINS = {
 }
 SIDES = (32, 48, 64)  # twin c: the training size, then unseen sizes (2.25x and 4x the tokens)
 C_SAMPLER = ("heun", 10)  # twin c samples 4 models at 3 sizes: half the default's steps keeps it ~15 min
+# Twin c's sampling-time RoPE scaling rows (no retraining), Lumina's inference options at the linear
+# scale s = side / 32 for a model whose 32x32 sequence has l0 tokens: label -> (s, l0) -> InferenceOptions
+# fields. Proportional attention's base is the trained length (Lumina-Next: (S/16)^2 tokens at size S).
+C_SCALINGS = {
+    "NTK (ntk_factor = s)": lambda s, l0: dict(ntk_factor=s),
+    "PI (pi_factor = s)": lambda s, l0: dict(pi_factor=s),
+    "prop. attn (base_seqlen = 32x32 length)": lambda s, l0: dict(base_seqlen=l0),
+}
+C_SCALED_ARMS = ("1-D RoPE + [nextline] (Flag-DiT)", "2-D RoPE (Next-DiT)")  # the RoPE models Lumina scales
 # Twin e: (label, method, steps list); NFE = steps x NFE per step (+1 for the SDE's last mean step).
 SAMPLER_SWEEP = (("Euler ODE", "euler", (4, 8, 16, 32)), ("Heun ODE", "heun", (2, 4, 8, 16)),
                  ("Euler-Maruyama SDE", "sde", (8, 16, 32, 64)))
@@ -192,17 +201,21 @@ def score(root, images, labels) -> dict:
 
 
 class Sampler:
-    """N class-conditional samples (labels 0..9 cycled) at `side` x `side`, resized to 32x32 when
-    larger; compiled once per (side, method, steps). The same seed everywhere: every run and
-    checkpoint is scored on the same initial noise."""
+    """N class-conditional samples (labels 0..9 cycled) at `side` x `side` ([N, side, side, 1] from
+    `__call__`; `to_32` fits them to the evaluator); compiled once per (side, method, steps, options).
+    The same seed everywhere: every run and checkpoint is scored on the same initial noise.
+    `options`: a `models.common.InferenceOptions` for every model call (RoPE scaling etc.)."""
 
-    def __init__(self, config, s, *, side: int = 32, method=None, num_steps=None, n: int = N_EVAL):
+    def __init__(self, config, s, *, side: int = 32, method=None, num_steps=None, n: int = N_EVAL, options=None):
         from flagdit_jax import sample as smp
 
+        if n < 2 or n % 2:
+            raise ValueError(f"n={n} samples: expected an even number >= 2 (drawn in two halves)")
         sc = config.sample
         self.side, self.n, self.half = side, n, n // 2
         self.gen = smp.make_generator(s, self.half, (1, side, side), method=method or sc.method,
-                                      num_steps=num_steps or sc.num_steps, cfg_scale=sc.cfg_scale, shift=sc.shift)
+                                      num_steps=num_steps or sc.num_steps, cfg_scale=sc.cfg_scale, shift=sc.shift,
+                                      options=options)
 
     def __call__(self, params, seed: int = 1):
         import jax
@@ -213,10 +226,29 @@ class Sampler:
         for i in range(0, self.n, self.half):
             key = jax.random.fold_in(jax.random.key(seed), i)
             out.append(np.asarray(self.gen(params, {"label": jnp.asarray(labels[i:i + self.half], jnp.int32)}, key))[:, 0])
-        x = np.clip(np.concatenate(out), -1.0, 1.0)
-        if self.side != 32:  # area-averaging resize back to the evaluator's size
-            x = np.asarray(jax.image.resize(x, (self.n, 32, 32, x.shape[-1]), "linear", antialias=True))
-        return x, labels
+        return np.clip(np.concatenate(out), -1.0, 1.0), labels
+
+
+FITS = ("resize", "crop")
+
+
+def to_32(x, fit: str = "resize"):
+    """Images [N, S, S, C] (S >= 32) -> [N, 32, 32, C] for the evaluator. 'resize': area-averaging
+    (antialiased) resize, the whole canvas shrunk (rewards the same digit drawn bigger); 'crop': the
+    central 32x32 (what a model that keeps its trained spacing draws at the trained scale)."""
+    import jax
+
+    n, h, w, c = x.shape
+    if h != w or h < 32:
+        raise ValueError(f"images of shape {x.shape}: expected square sides >= 32")
+    if fit not in FITS:
+        raise ValueError(f"fit={fit!r}; expected one of {FITS}")
+    if h == 32:
+        return x
+    if fit == "crop":
+        o = (h - 32) // 2
+        return x[:, o:o + 32, o:o + 32]
+    return np.asarray(jax.image.resize(x, (n, 32, 32, c), "linear", antialias=True))
 
 
 def eval_steps(steps: int) -> list[int]:
@@ -303,30 +335,68 @@ def curves_report(twin: str, root) -> dict:
     return arms
 
 
-def extrapolation_report(root) -> dict:
-    """Twin c: each arm's final EMA params sampled at SIDES, scored after resizing to 32x32."""
+def _c_cell(root, config, s, params, side: int, n: int, options: dict) -> dict:
+    """One twin-c cell: N samples at `side` with InferenceOptions(**options), scored resized and cropped."""
+    from flagdit_jax.models.common import InferenceOptions
+
+    t0 = time.time()
+    sampler = Sampler(config, s, side=side, method=C_SAMPLER[0], num_steps=C_SAMPLER[1], n=n,
+                      options=InferenceOptions(**options) if options else None)
+    x, y = sampler(params)
+    cell = {fit: score(root, to_32(x, fit), y) for fit in (FITS if side > 32 else FITS[:1])}
+    cell.update(n=n, options=options, seconds=round(time.time() - t0, 1))
+    return cell
+
+
+def extrapolation_report(root, scaled_n: int = N_EVAL) -> dict:
+    """Twin c: each arm's final EMA params sampled at SIDES, scored after resizing to 32x32 and, past
+    32, on the central 32x32 crop; the C_SCALED_ARMS also with each C_SCALINGS option at the unseen
+    sides (N = `scaled_n` samples per cell). Cells are cached per run in {run}/twin_c_cells.json."""
     arms, missing = {}, []
     for label, runs in TWINS["c"]["arms"].items():
         (run,) = runs
         if not (run_dir(root, run) / "twin.json").is_file():
-            missing.append(run.name)  # score the others first: their results are cached
+            missing.append(run.name)
             continue
-        cache = run_dir(root, run) / "twin_c.json"  # per arm: arms are scored as their runs finish
-        key = dict(sides=list(SIDES), sampler=list(C_SAMPLER), n=N_EVAL)
-        if cache.is_file() and json.loads(cache.read_text())["key"] == key:
-            res = json.loads(cache.read_text())["sides"]
-        else:
-            config, s, params = final_params(root, run)
-            res = {}
-            for side in SIDES:
-                x, y = Sampler(config, s, side=side, method=C_SAMPLER[0], num_steps=C_SAMPLER[1])(params)
-                res[str(side)] = score(root, x, y)
-                print(f"c: {label} at {side}x{side}: FID {res[str(side)]['fid']:.2f} "
-                      f"accuracy {res[str(side)]['accuracy']:.3f}", flush=True)
-            cache.write_text(json.dumps(dict(key=key, sides=res)))
-        arms[label] = dict(run=run.name, sides=res)
     if missing:
-        raise FileNotFoundError(f"twin c: runs {missing} have no result yet; the other arms are cached")
+        raise FileNotFoundError(f"twin c: runs {missing} have no result yet")
+    from flagdit_jax import tokens as tok
+
+    todo = [(label, "plain", side, N_EVAL) for label in TWINS["c"]["arms"] for side in SIDES]
+    # The largest side first: if the shared cores run out of time, the 4x-token cells are there.
+    todo += [(label, row, side, scaled_n) for side in SIDES[1:][::-1] for row in C_SCALINGS for label in C_SCALED_ARMS]
+    loaded = {}
+    for label, row, side, n in todo:
+        (run,) = TWINS["c"]["arms"][label]
+        path = run_dir(root, run) / "twin_c_cells.json"  # cells are cached as they finish: a rerun resumes
+        cells = json.loads(path.read_text()) if path.is_file() else {}
+        key = f"{row}|{side}|{C_SAMPLER[0]}x{C_SAMPLER[1]}|n{n}"
+        if key not in cells:
+            old = run_dir(root, run) / "twin_c.json"  # the first report's cache: plain rows, resized only
+            old_key = dict(sides=list(SIDES), sampler=list(C_SAMPLER), n=N_EVAL)
+            if row == "plain" and side == 32 and old.is_file() and json.loads(old.read_text())["key"] == old_key:
+                cells[key] = dict(resize=json.loads(old.read_text())["sides"]["32"], n=n, options={})
+            else:
+                if run.name not in loaded:
+                    loaded[run.name] = final_params(root, run)
+                config, s, params = loaded[run.name]
+                l0 = tok.seq_len((1, 32, 32), *tok.layout_of(s.model_cfg))
+                options = {} if row == "plain" else C_SCALINGS[row](side / 32, l0)
+                cells[key] = _c_cell(root, config, s, params, side, n, options)
+                print(f"c: {label}, {row} at {side}x{side} (N={n}, {cells[key]['seconds']:.0f} s): " + ", ".join(
+                      f"{fit} FID {cells[key][fit]['fid']:.2f} acc. {cells[key][fit]['accuracy']:.3f}"
+                      for fit in FITS if fit in cells[key]), flush=True)
+            path.write_text(json.dumps(cells, indent=1))
+        a = arms.setdefault(label, dict(run=run.name, sides={}, crop={}, scalings={}, cell_seconds=0.0))
+        c = cells[key]
+        a["cell_seconds"] = round(a["cell_seconds"] + c.get("seconds", 0.0), 1)  # the first report's cells: not timed
+        if row == "plain":
+            a["sides"][str(side)] = c["resize"]  # the first report's layout: resized scores per side
+            if "crop" in c:
+                a["crop"][str(side)] = c["crop"]
+        else:
+            r = a["scalings"].setdefault(row, dict(n=n, sides={}))
+            r["sides"][str(side)] = {fit: c[fit] for fit in FITS} | dict(options=c["options"])
     return arms
 
 
@@ -366,14 +436,30 @@ def table(twin: str, data: dict) -> str:
             lines.append(f"| {label} | {a['params'] / 1e6:.2f}M | {len(a['runs'])} | " + " | ".join(cells)
                          + f" | {_fmt(*_mean_sd(np.asarray(a['accuracy'])[:, -1]), digits=3)} |")
     elif twin == "c":
-        lines += [f"Sampler {C_SAMPLER[0]} x{C_SAMPLER[1]}; samples larger than 32x32 are resized to 32x32 "
-                  "(antialiased) before scoring.", "",
-                  "| position embedding | " + " | ".join(f"FID {s}x{s}" for s in SIDES) + " | " +
-                  " | ".join(f"acc. {s}x{s}" for s in SIDES) + " |", "|" + "---|" * (2 * len(SIDES) + 1)]
+        ns = sorted({r["n"] for a in data["arms"].values() for r in a.get("scalings", {}).values()})
+        lines += [f"Sampler {C_SAMPLER[0]} x{C_SAMPLER[1]}. Samples larger than 32x32 are scored two ways: "
+                  "**resize**, the whole canvas shrunk to 32x32 (antialiased; rewards the same digit drawn bigger), "
+                  "and **crop**, the central 32x32 (the digit at the trained scale). The scaling rows only change "
+                  "the sampling-time options of the same checkpoint (s = side / 32; no retraining), so at 32x32 "
+                  "they are the plain row (—)"
+                  + (f"; they are scored on N = {', '.join(map(str, ns))} samples per cell" if ns and ns != [N_EVAL]
+                     else "") + ".", ""]
+        big = SIDES[1:]
+        cols = [f"{s}x{s}" for s in SIDES[:1]] + [f"{s}x{s} {fit}" for s in big for fit in FITS]
+        lines += ["| position embedding | sampling | " + " | ".join(f"FID {c}" for c in cols) + " | "
+                  + " | ".join(f"acc. {c}" for c in cols) + " |", "|" + "---|" * (2 * len(cols) + 2)]
+
+        def row(label, how, first, cells):
+            fid = [first[0]] + [f"{cells[s][f]['fid']:.2f}" for s in big for f in FITS]
+            acc = [first[1]] + [f"{cells[s][f]['accuracy']:.3f}" for s in big for f in FITS]
+            lines.append(f"| {label} | {how} | " + " | ".join(fid) + " | " + " | ".join(acc) + " |")
+
         for label, a in data["arms"].items():
-            r = a["sides"]
-            lines.append(f"| {label} | " + " | ".join(f"{r[str(s)]['fid']:.2f}" for s in SIDES) + " | "
-                         + " | ".join(f"{r[str(s)]['accuracy']:.3f}" for s in SIDES) + " |")
+            r0 = a["sides"][str(SIDES[0])]
+            row(label, "plain", (f"{r0['fid']:.2f}", f"{r0['accuracy']:.3f}"),
+                {s: {"resize": a["sides"][str(s)], "crop": a["crop"][str(s)]} for s in big})
+            for how, r in a.get("scalings", {}).items():
+                row(label, how, ("—", "—"), {s: r["sides"][str(s)] for s in big})
     else:
         n = max(len(pts) for pts in data["arms"]["arms"].values())
         lines += ["| sampler | " + " | ".join("steps (NFE): FID" for _ in range(n)) + " |", "|" + "---|" * (n + 1)]
@@ -392,7 +478,10 @@ def plot(twin: str, data: dict, path: pathlib.Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    if twin == "c":
+        fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 4.5), sharey=True)
+    else:
+        fig, ax = plt.subplots(figsize=(6, 4))
     if twin in "abdf":
         for label, a in data["arms"].items():
             fid = np.asarray(a["fid"])
@@ -402,12 +491,25 @@ def plot(twin: str, data: dict, path: pathlib.Path) -> None:
                 ax.fill_between(a["steps"], fid.min(0), fid.max(0), alpha=0.2)
         ax.set_xlabel("training step")
         ax.set_ylabel("FID (MNIST features)")
-    elif twin == "c":
-        for label, a in data["arms"].items():
-            ax.plot(SIDES, [a["sides"][str(s)]["fid"] for s in SIDES], marker="o", label=label)
-        ax.axvline(32, color="grey", ls=":", lw=1)
-        ax.set_xlabel("sampled side (trained at 32)")
-        ax.set_ylabel("FID after resizing to 32x32")
+    elif twin == "c":  # two panels: resized / central crop; scaling rows dashed, in their arm's colour
+        styles = dict(zip(C_SCALINGS, ("--", ":", "-.")))
+        for i, (label, a) in enumerate(data["arms"].items()):
+            color = f"C{i}"
+            first = a["sides"][str(SIDES[0])]["fid"]
+            for panel, fit in ((ax, "resize"), (ax2, "crop")):
+                at = a["sides"] if fit == "resize" else a["crop"]
+                panel.plot(SIDES, [first] + [at[str(s)]["fid"] for s in SIDES[1:]], marker="o", color=color,
+                           label=label if panel is ax else None)
+                for how, r in a.get("scalings", {}).items():
+                    panel.plot(SIDES, [first] + [r["sides"][str(s)][fit]["fid"] for s in SIDES[1:]], marker=".",
+                               color=color, ls=styles.get(how, "--"), lw=1,
+                               label=f"{label.split(' (')[0]}: {how}" if panel is ax2 else None)
+        for panel, what in ((ax, "resized to 32x32"), (ax2, "central 32x32 crop")):
+            panel.axvline(32, color="grey", ls=":", lw=1)
+            panel.set_xlabel("sampled side (trained at 32)")
+            panel.set_ylabel(f"FID, {what}")
+        ax2.axhline(data["real_floor"]["fid"], color="k", ls="--", lw=1)
+        ax2.legend(fontsize=6)
     else:
         for label, pts in data["arms"]["arms"].items():
             ax.plot([p["nfe"] for p in pts], [p["fid"] for p in pts], marker="o", label=label)
@@ -423,12 +525,14 @@ def plot(twin: str, data: dict, path: pathlib.Path) -> None:
     plt.close(fig)
 
 
-def report(twin: str, root, out_dir=RESULTS, command: str = "") -> dict:
+def report(twin: str, root, out_dir=RESULTS, command: str = "", c_scaled_n: int = N_EVAL) -> dict:
+    """Twin `twin`'s table (md), data (json) and plot (png) in `out_dir`, from the finished runs in `root`.
+    `c_scaled_n`: samples per cell of twin c's RoPE-scaling rows."""
     t0 = time.time()
     if twin in "abdf":
         data = {"arms": curves_report(twin, root)}
     elif twin == "c":
-        data = {"arms": extrapolation_report(root)}
+        data = {"arms": extrapolation_report(root, scaled_n=c_scaled_n)}
     else:
         data = {"arms": samplers_report(root)}
     runs = [r for rs in TWINS[twin]["arms"].values() for r in rs]
@@ -446,7 +550,14 @@ def report(twin: str, root, out_dir=RESULTS, command: str = "") -> dict:
     md = table(twin, data)
     total = sum(data["wall_seconds"]["runs (train + per-checkpoint eval)"].values()) + data["wall_seconds"]["report"]
     md += (f"\n\nCommand: `{command}`; wall time {total / 60:.1f} min on 2 CPU cores (the runs' train + eval, "
-           f"shared with other twins, plus {data['wall_seconds']['report']:.0f} s for this report).\n")
+           f"shared with other twins, plus {data['wall_seconds']['report']:.0f} s for this report).")
+    if twin == "c":  # cells are cached across report invocations: their own sampling + scoring time
+        cells = sum(a["cell_seconds"] for a in data["arms"].values())
+        data["wall_seconds"]["twin c cells (sampling + scoring, summed over cached cells)"] = cells
+        (out_dir / f"twin_{twin}.json").write_text(json.dumps(data, indent=1))
+        md += (f" The timed cells (everything but the first report's plain 32x32 scores) took {cells / 60:.1f} min "
+               "of sampling + scoring in all, summed over report invocations.")
+    md += "\n"
     (out_dir / f"twin_{twin}.md").write_text(md)
     plot(twin, data, out_dir / f"twin_{twin}.png")
     print(md)
@@ -462,6 +573,7 @@ def main(argv=None):
         a.add_argument("--root", default="runs/twins")
         a.add_argument("--out", default=str(RESULTS))
         a.add_argument("--steps", type=int, default=STEPS, help="training steps per run")
+        a.add_argument("--c-scaled-n", type=int, default=N_EVAL, help="samples per cell of twin c's RoPE-scaling rows")
     r = sub.add_parser("run")
     r.add_argument("--steps", type=int, default=STEPS, help="training steps per run")
     r.add_argument("name", help="MODEL-OBJECTIVE-sSEED, e.g. flag-lognorm-s0")
@@ -492,8 +604,10 @@ def main(argv=None):
                 busy.append(run.name)
         if busy:
             raise SystemExit(f"runs still in progress elsewhere: {busy}; rerun the sweep (or `report`) when done")
+    extra = f" --c-scaled-n {args.c_scaled_n}" if args.c_scaled_n != N_EVAL else ""
     for t in twins:
-        report(t, args.root, args.out, command=f"{here} sweep --twins {','.join(twins)} --root {args.root}")
+        report(t, args.root, args.out, command=f"{here} {args.cmd} --twins {','.join(twins)} --root {args.root}{extra}",
+               c_scaled_n=args.c_scaled_n)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import orbax.checkpoint as ocp
 
 from flagdit_jax import checkpoint, tasks, tokens as tok, train
 from flagdit_jax.flow import losses, paths, samplers
+from flagdit_jax.models.common import InferenceOptions
 
 
 def load_params(config, workdir: str | pathlib.Path, *, use_ema: bool = True):
@@ -56,7 +57,8 @@ def load_params(config, workdir: str | pathlib.Path, *, use_ema: bool = True):
 
 
 def make_solver(s: "train.Setup", n: int, shape: tuple[int, int, int] | None = None, *, method: str,
-                num_steps: int, cfg_scale: float, cfg_channels: int | None = None, shift: float = 1.0):
+                num_steps: int, cfg_scale: float, cfg_channels: int | None = None, shift: float = 1.0,
+                options: "InferenceOptions | None" = None):
     """`(solve, state_shape)`: traceable `solve(params, cond, x0, sde_key) -> frames [n, T, H, W, C]` from
     the initial noise `x0` (`state_shape` = [n, L, p*p, C], channels last), and the shape `x0` must have.
 
@@ -66,8 +68,14 @@ def make_solver(s: "train.Setup", n: int, shape: tuple[int, int, int] | None = N
     3 is the reference's first-3-latent-channel CFG (REFERENCE.md §4); shift > 1 puts more of the
     steps near the noise end (time shifting). method 'sde' is SiT's Euler–Maruyama sampler on the
     training path (`s.config.sample` may set diffusion_form / diffusion_norm / last_step). A noise /
-    score model is sampled through its velocity, on SiT's sampling interval.
+    score model is sampled through its velocity, on SiT's sampling interval. `options` (a
+    `models.common.InferenceOptions`, None = the defaults) goes to every model call: RoPE scaling
+    (ntk_factor, pi_factor, Lumina-Next's scale_factor), proportional attention (base_seqlen), ...;
+    a backbone that lacks an option set away from its default raises a ValueError when `solve`
+    is traced (`common.resolve_options`).
     """
+    if options is not None and not isinstance(options, InferenceOptions):
+        raise ValueError(f"options must be a models.common.InferenceOptions (or None), got {options!r}")
     cfg, task = s.model_cfg, s.task
     if shape is None:
         shape = (1, s.config.data.image_size, s.config.data.image_size)
@@ -81,7 +89,7 @@ def make_solver(s: "train.Setup", n: int, shape: tuple[int, int, int] | None = N
     def solve(params, cond, x0, sde_key):
         def model_fn(x, t, c):
             tokens = x.reshape(x.shape[:2] + (-1,))
-            out = s.model.apply({"params": params}, pair.replace(tokens=tokens), t,
+            out = s.model.apply({"params": params}, pair.replace(tokens=tokens), t, options=options,
                                 **task.model_kwargs(c)).reshape(x.shape)
             return losses.to_velocity(out, x, t, path, prediction)
 
@@ -99,11 +107,12 @@ def make_solver(s: "train.Setup", n: int, shape: tuple[int, int, int] | None = N
 
 
 def make_generator(s: "train.Setup", n: int, shape: tuple[int, int, int] | None = None, *, method: str,
-                   num_steps: int, cfg_scale: float, cfg_channels: int | None = None, shift: float = 1.0):
+                   num_steps: int, cfg_scale: float, cfg_channels: int | None = None, shift: float = 1.0,
+                   options: "InferenceOptions | None" = None):
     """Jitted `generate(params, cond, key) -> frames [n, T, H, W, C]` for latent size `shape`: `make_solver`
-    from noise drawn with `key` (arguments as there)."""
+    from noise drawn with `key` (arguments as there, `options` included)."""
     solve, state_shape = make_solver(s, n, shape, method=method, num_steps=num_steps, cfg_scale=cfg_scale,
-                                     cfg_channels=cfg_channels, shift=shift)
+                                     cfg_channels=cfg_channels, shift=shift, options=options)
 
     @jax.jit
     def generate(params, cond, key):
