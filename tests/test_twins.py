@@ -99,7 +99,7 @@ def test_curve_report_averages_seeds_and_writes_table_and_plot(twins, tmp_path, 
         twins.report("a", tmp_path, tmp_path / "out")
 
 
-@pytest.mark.slow  # ~6 s alone on the 2 cores (setup + one compile of three small model graphs)
+@pytest.mark.slow  # 8-11 s on the shared 2 cores (setup + one compile of three small model graphs)
 def test_make_solver_passes_inference_options_to_every_model_call():
     """`sample.make_solver(options=)` (twin c's RoPE-scaling rows) reaches the model: position interpolation
     changes the sample and a one-step Euler solve equals x0 + the direct `model.apply(..., options=)`
