@@ -27,7 +27,7 @@ import pathlib
 import numpy as np
 
 from flagdit_jax.data import mnist
-from flagdit_jax.data.words import WordCaptions
+from flagdit_jax.data.words import WordCaptionEncoder, WordCaptions
 
 # (dy, dx) per direction word, in pixels per unit speed; rows grow downwards.
 DIRECTIONS = {"left": (0, -1), "right": (0, 1), "up": (-1, 0), "down": (1, 0)}
@@ -159,8 +159,8 @@ class MovingMnistSource:
         """Record `index`'s caption as text, the words after <bos>: 'digit_7 moves left fast'."""
         return " ".join(self.caption_words(index)[1:])
 
-    def caption_encoder(self) -> "WordCaptionEncoder":
-        """The text encoder of `caption_text`: this source's word embeddings (`WordCaptionEncoder`)."""
+    def caption_encoder(self) -> WordCaptionEncoder:
+        """The text encoder of `caption_text`: this source's word embeddings (`words.WordCaptionEncoder`)."""
         return WordCaptionEncoder(self.captions)
 
     def label(self, index: int) -> int:
@@ -212,22 +212,3 @@ class MovingMnistSource:
         return (f"MovingMnistSource(split={self.split!r}, n={len(self)}, frames={self.frames}, canvas={self.canvas}, "
                 f"digit_size={self.digit_size}, speeds={self.speeds}, max_frames={self.max_frames}, raw={self.raw})")
 
-
-class WordCaptionEncoder:
-    """A text encoder over fixed word embeddings (`words.WordCaptions`), for `flagdit encode`:
-    `encoder(texts: list[str]) -> (feats [B, cap_len, cap_dim] float32, mask [B, cap_len] bool)`.
-    A text is its words split on spaces, after an implicit <bos>; "" is <bos> alone (the null caption)."""
-
-    name = "word_embeddings"
-
-    def __init__(self, captions):
-        self.captions = captions
-        self.max_length = int(captions.cap_len)
-
-    def __call__(self, texts) -> tuple[np.ndarray, np.ndarray]:
-        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
-            raise ValueError(f"texts={texts!r}; expected a list of str")
-        pairs = [self.captions.encode(["<bos>", *t.split()]) for t in texts]
-        if not pairs:
-            raise ValueError("texts=[]; expected at least one caption")
-        return np.stack([f for f, _ in pairs]), np.stack([m for _, m in pairs])

@@ -39,3 +39,23 @@ class WordCaptions:
     def null(self) -> dict[str, np.ndarray]:
         feats, mask = self.encode(["<bos>"])
         return {"cap_feats": feats, "cap_mask": mask}
+
+
+class WordCaptionEncoder:
+    """A text encoder over fixed word embeddings (`WordCaptions`), for `flagdit encode`:
+    `encoder(texts: list[str]) -> (feats [B, cap_len, cap_dim] float32, mask [B, cap_len] bool)`.
+    A text is its words split on spaces, after an implicit <bos>; "" is <bos> alone (the null caption)."""
+
+    name = "word_embeddings"
+
+    def __init__(self, captions):
+        self.captions = captions
+        self.max_length = int(captions.cap_len)
+
+    def __call__(self, texts) -> tuple[np.ndarray, np.ndarray]:
+        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+            raise ValueError(f"texts={texts!r}; expected a list of str")
+        pairs = [self.captions.encode(["<bos>", *t.split()]) for t in texts]
+        if not pairs:
+            raise ValueError("texts=[]; expected at least one caption")
+        return np.stack([f for f, _ in pairs]), np.stack([m for _, m in pairs])
