@@ -122,13 +122,30 @@ SIDES = (32, 48, 64)  # twin c: the training size, then unseen sizes (2.25x and 
 C_SAMPLER = ("heun", 10)  # twin c samples 4 models at 3 sizes: half the default's steps keeps it ~15 min
 # Twin c's sampling-time RoPE scaling rows (no retraining), Lumina's inference options at the linear
 # scale s = side / 32 for a model whose 32x32 sequence has l0 tokens: label -> (s, l0) -> InferenceOptions
-# fields. Proportional attention's base is the trained length (Lumina-Next: (S/16)^2 tokens at size S).
+# fields, plus 'shift' (the sampler's time shift) for the papers' full recipes (REFERENCE.md §4, §6).
+# Proportional attention's base is the trained length: (S/16)^2 tokens at size S for Lumina-Next, and
+# with the [nextline] tokens for Lumina-T2I, i.e. l0 either way.
 C_SCALINGS = {
     "NTK (ntk_factor = s)": lambda s, l0: dict(ntk_factor=s),
     "PI (pi_factor = s)": lambda s, l0: dict(pi_factor=s),
     "prop. attn (base_seqlen = 32x32 length)": lambda s, l0: dict(base_seqlen=l0),
+    # LT lumina_t2i/demo.py: theta * (token-count ratio) = NTK s^2, proportional attention, shift 4.
+    "Lumina-T2I recipe (NTK s^2 + prop. attn + shift 4)": lambda s, l0: dict(ntk_factor=s * s, base_seqlen=l0,
+                                                                              shift=4.0),
+    # LT lumina_next_t2i/demo.py: the code's time-aware switch (PI while t < 0.3, NTK theta * s after),
+    # proportional attention, shift 4. Next-DiT only (Flag-DiT has no time-aware RoPE).
+    "Lumina-Next recipe (time-aware RoPE @0.3 + prop. attn + shift 4)": lambda s, l0: dict(
+        scale_factor=s, rope_scaling="watershed", scale_watershed=0.3, base_seqlen=l0, shift=4.0),
 }
 C_SCALED_ARMS = ("1-D RoPE + [nextline] (Flag-DiT)", "2-D RoPE (Next-DiT)")  # the RoPE models Lumina scales
+C_SCALING_ARMS = {"Lumina-Next recipe (time-aware RoPE @0.3 + prop. attn + shift 4)": ("2-D RoPE (Next-DiT)",)}
+
+
+def scaled_arms(row: str) -> tuple[str, ...]:
+    """The twin c arms that scaling row `row` applies to."""
+    return C_SCALING_ARMS.get(row, C_SCALED_ARMS)
+
+
 # Twin e: (label, method, steps list); NFE = steps x NFE per step (+1 for the SDE's last mean step).
 SAMPLER_SWEEP = (("Euler ODE", "euler", (4, 8, 16, 32)), ("Heun ODE", "heun", (2, 4, 8, 16)),
                  ("Euler-Maruyama SDE", "sde", (8, 16, 32, 64)))
@@ -204,9 +221,11 @@ class Sampler:
     """N class-conditional samples (labels 0..9 cycled) at `side` x `side` ([N, side, side, 1] from
     `__call__`; `to_32` fits them to the evaluator); compiled once per (side, method, steps, options).
     The same seed everywhere: every run and checkpoint is scored on the same initial noise.
-    `options`: a `models.common.InferenceOptions` for every model call (RoPE scaling etc.)."""
+    `options`: a `models.common.InferenceOptions` for every model call (RoPE scaling etc.); `shift`: the
+    sampler's time shift (default the config's)."""
 
-    def __init__(self, config, s, *, side: int = 32, method=None, num_steps=None, n: int = N_EVAL, options=None):
+    def __init__(self, config, s, *, side: int = 32, method=None, num_steps=None, n: int = N_EVAL, options=None,
+                 shift=None):
         from flagdit_jax import sample as smp
 
         if n < 2 or n % 2:
@@ -214,8 +233,8 @@ class Sampler:
         sc = config.sample
         self.side, self.n, self.half = side, n, n // 2
         self.gen = smp.make_generator(s, self.half, (1, side, side), method=method or sc.method,
-                                      num_steps=num_steps or sc.num_steps, cfg_scale=sc.cfg_scale, shift=sc.shift,
-                                      options=options)
+                                      num_steps=num_steps or sc.num_steps, cfg_scale=sc.cfg_scale,
+                                      shift=sc.shift if shift is None else shift, options=options)
 
     def __call__(self, params, seed: int = 1):
         import jax
@@ -336,12 +355,14 @@ def curves_report(twin: str, root) -> dict:
 
 
 def _c_cell(root, config, s, params, side: int, n: int, options: dict) -> dict:
-    """One twin-c cell: N samples at `side` with InferenceOptions(**options), scored resized and cropped."""
+    """One twin-c cell: N samples at `side` with InferenceOptions(**options) (its 'shift' is the
+    sampler's), scored resized and cropped."""
     from flagdit_jax.models.common import InferenceOptions
 
     t0 = time.time()
+    fields = {k: v for k, v in options.items() if k != "shift"}
     sampler = Sampler(config, s, side=side, method=C_SAMPLER[0], num_steps=C_SAMPLER[1], n=n,
-                      options=InferenceOptions(**options) if options else None)
+                      options=InferenceOptions(**fields) if fields else None, shift=options.get("shift"))
     x, y = sampler(params)
     cell = {fit: score(root, to_32(x, fit), y) for fit in (FITS if side > 32 else FITS[:1])}
     cell.update(n=n, options=options, seconds=round(time.time() - t0, 1))
@@ -364,7 +385,7 @@ def extrapolation_report(root, scaled_n: int = N_EVAL) -> dict:
 
     todo = [(label, "plain", side, N_EVAL) for label in TWINS["c"]["arms"] for side in SIDES]
     # The largest side first: if the shared cores run out of time, the 4x-token cells are there.
-    todo += [(label, row, side, scaled_n) for side in SIDES[1:][::-1] for row in C_SCALINGS for label in C_SCALED_ARMS]
+    todo += [(label, row, side, scaled_n) for side in SIDES[1:][::-1] for row in C_SCALINGS for label in scaled_arms(row)]
     loaded = {}
     for label, row, side, n in todo:
         (run,) = TWINS["c"]["arms"][label]
@@ -440,8 +461,9 @@ def table(twin: str, data: dict) -> str:
         lines += [f"Sampler {C_SAMPLER[0]} x{C_SAMPLER[1]}. Samples larger than 32x32 are scored two ways: "
                   "**resize**, the whole canvas shrunk to 32x32 (antialiased; rewards the same digit drawn bigger), "
                   "and **crop**, the central 32x32 (the digit at the trained scale). The scaling rows only change "
-                  "the sampling-time options of the same checkpoint (s = side / 32; no retraining), so at 32x32 "
-                  "they are the plain row (—)"
+                  "the sampling-time options of the same checkpoint (s = side / 32; no retraining; the papers' "
+                  "recipes also set the sampler's time shift to 4, as their demos do) and are sampled at the "
+                  "unseen sizes only (—)"
                   + (f"; they are scored on N = {', '.join(map(str, ns))} samples per cell" if ns and ns != [N_EVAL]
                      else "") + ".", ""]
         big = SIDES[1:]
@@ -492,7 +514,7 @@ def plot(twin: str, data: dict, path: pathlib.Path) -> None:
         ax.set_xlabel("training step")
         ax.set_ylabel("FID (MNIST features)")
     elif twin == "c":  # two panels: resized / central crop; scaling rows dashed, in their arm's colour
-        styles = dict(zip(C_SCALINGS, ("--", ":", "-.")))
+        styles = dict(zip(C_SCALINGS, ("--", ":", "-.", (0, (5, 1)), (0, (1, 1)))))
         for i, (label, a) in enumerate(data["arms"].items()):
             color = f"C{i}"
             first = a["sides"][str(SIDES[0])]["fid"]

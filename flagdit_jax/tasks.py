@@ -200,21 +200,29 @@ class Joint(FlowTask):
     dropout: float = 0.0
     # Per modality and example, independently: probability that its time is set to the clean end
     # (t = 1: it is the other's condition, and its own loss term is dropped) or to pure noise (t = 0:
-    # the other is trained as a marginal). 0, 0 = the time sampler alone (UniDiffuser). See
-    # configs/joint/mnist.py for why the embedded run uses them.
-    clean_prob: float = 0.0
-    noise_prob: float = 0.0
+    # the other is trained as a marginal). One number for both modalities or an (image, text) pair.
+    # 0, 0 = the time sampler alone (UniDiffuser). See configs/joint/mnist.py for why the embedded
+    # run uses them.
+    clean_prob: float | tuple[float, float] = 0.0
+    noise_prob: float | tuple[float, float] = 0.0
 
     def __post_init__(self):
         if self.prediction != "velocity":
             raise ValueError(f"the joint task predicts velocities; got flow.prediction={self.prediction!r}")
-        for name in ("clean_prob", "noise_prob"):
-            v = getattr(self, name)
-            if not 0.0 <= v < 1.0:
-                raise ValueError(f"config.joint.{name}={v} must be in [0, 1)")
-        if self.clean_prob + self.noise_prob >= 1.0:
-            raise ValueError(f"config.joint.clean_prob + noise_prob = {self.clean_prob} + {self.noise_prob} must be < 1 "
-                             f"(some times must come from the time sampler)")
+        clean, noise = self.endpoints()
+        for name, pair in (("clean_prob", clean), ("noise_prob", noise)):
+            for modality, v in zip(MODALITIES, pair):
+                if not 0.0 <= v < 1.0:
+                    raise ValueError(f"config.joint.{name}={getattr(self, name)}: the {modality} probability {v} "
+                                     f"must be in [0, 1)")
+        for modality, c, n in zip(MODALITIES, clean, noise):
+            if c + n >= 1.0:
+                raise ValueError(f"config.joint.clean_prob + noise_prob = {c} + {n} for the {modality} must be < 1 "
+                                 f"(some times must come from the time sampler)")
+
+    def endpoints(self) -> tuple[tuple[float, float], tuple[float, float]]:
+        """((clean_image, clean_text), (noise_image, noise_text)) probabilities."""
+        return _modality_pair("clean_prob", self.clean_prob), _modality_pair("noise_prob", self.noise_prob)
 
     def collate(self, elements):
         text = np.stack([np.asarray(e["text"], np.float32) for e in elements])
@@ -233,7 +241,8 @@ class Joint(FlowTask):
         t0, t1 = losses.train_interval(self.path, self.prediction)
         sampler = timesteps.get_time_sampler(self.time_sampler)
         u = jax.random.uniform(k_e, (2, b))  # one endpoint draw per modality: independent times
-        clean, noise = u < self.clean_prob, (u >= self.clean_prob) & (u < self.clean_prob + self.noise_prob)
+        p_clean, p_noise = (jnp.asarray(p, jnp.float32)[:, None] for p in self.endpoints())
+        clean, noise = u < p_clean, (u >= p_clean) & (u < p_clean + p_noise)
         times = []
         for i, k in enumerate((k_t, k_tt)):
             t = t0 + (t1 - t0) * sampler(k, b)
@@ -263,6 +272,33 @@ class Joint(FlowTask):
                          "(flagdit_jax.sample_joint)")
 
 
+MODALITIES = ("image", "text")
+
+
+def _modality_pair(name, v) -> tuple[float, float]:
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return float(v), float(v)
+    if isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                                            for x in v):
+        return float(v[0]), float(v[1])
+    raise ValueError(f"config.joint.{name}={v!r}; expected a number or an (image, text) pair of numbers")
+
+
+def joint_endpoints(config) -> dict:
+    """`config.joint`'s clean_prob / noise_prob as `Joint` keyword arguments, each a number or an
+    (image, text) pair; unknown keys are an error."""
+    jc = config.get("joint", None) or {}
+    unknown = sorted(set(jc.keys()) - {"clean_prob", "noise_prob"})
+    if unknown:
+        raise ValueError(f"config.joint has unknown keys {unknown}; expected clean_prob and noise_prob")
+    out = {}
+    for name in ("clean_prob", "noise_prob"):
+        if name in jc:
+            pair = _modality_pair(name, jc[name])
+            out[name] = pair if isinstance(jc[name], (tuple, list)) else pair[0]
+    return out
+
+
 def task_name(config, model_cfg) -> str:
     """`config.task`, or the model's own kind of condition when the config does not say."""
     name = config.get("task", None) or ("joint" if getattr(model_cfg, "kind", "") == "joint" else
@@ -282,9 +318,7 @@ def get_task(config, model_cfg, source=None) -> FlowTask:
         raise ValueError(f"config.task={name!r} with a {type(model_cfg).__name__}: the joint task needs the joint "
                          f"model (preset 'joint-tiny' or a JointConfig) and the joint model needs the joint task")
     if name == "joint":
-        jc = config.get("joint", None) or {}
-        return Joint(text_shape=(model_cfg.text_len, model_cfg.text_dim), clean_prob=float(jc.get("clean_prob", 0.0)),
-                     noise_prob=float(jc.get("noise_prob", 0.0)), **common)
+        return Joint(text_shape=(model_cfg.text_len, model_cfg.text_dim), **joint_endpoints(config), **common)
     if name == "unconditional":
         if getattr(model_cfg, "num_classes", 0) != 1 or model_cfg.class_dropout_prob:
             raise ValueError(f"config.task='unconditional' needs a one-class model without label dropout "

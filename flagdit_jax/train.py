@@ -146,10 +146,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if jc is not None:
         if name != "joint":
             raise ValueError(f"config.joint={dict(jc)} is for the joint task; config.task={name!r}")
-        unknown = sorted(set(jc.keys()) - {"clean_prob", "noise_prob"})
-        if unknown or not all(_is_num(v) for v in jc.values()):
-            raise ValueError(f"config.joint={dict(jc)}; expected numbers clean_prob and noise_prob")
-        tasks.Joint(clean_prob=float(jc.get("clean_prob", 0.0)), noise_prob=float(jc.get("noise_prob", 0.0)))
+        tasks.Joint(**tasks.joint_endpoints(config))
     if not 0.0 <= float(config.get("caption_dropout", 0.1)) < 1.0:
         raise ValueError(f"config.caption_dropout={config.caption_dropout} must be in [0, 1)")
     if config.data.channels != cfg.in_channels:

@@ -130,7 +130,7 @@ def test_modes_are_one_network_at_chosen_times(joint, mode):
     np.testing.assert_allclose(out["text"], want_txt, rtol=0, atol=1e-5 * float(np.abs(want_txt).max()))
 
 
-@pytest.mark.parametrize("clean,noise", [(0.0, 0.0), (0.3, 0.2)])
+@pytest.mark.parametrize("clean,noise", [(0.0, 0.0), (0.3, 0.2), ((0.1, 0.3), (0.05, 0.35))])
 def test_joint_task_draws_independent_times_and_sums_both_losses(joint, clean, noise):
     s, params, apply = joint
     cfg = s.model_cfg
@@ -141,11 +141,13 @@ def test_joint_task_draws_independent_times_and_sums_both_losses(joint, clean, n
     assert d["x0_text"].shape == text.shape and not np.allclose(d["t"], d["t_text"])
     big = task.draw(jax.random.key(9), tok.pack_for(cfg, jnp.zeros((4096, 1, 4, 4, 1))), {"text": jnp.zeros((4096, 2, 4))})
     assert abs(np.corrcoef(big["t"], big["t_text"])[0, 1]) < 0.05  # independent draws
-    for t, w in ((big["t"], big["w"]), (big["t_text"], big["w_text"])):
-        # The endpoints at their probabilities (binomial sd at n=4096 is <= 0.008); only clean ones lose weight.
-        assert abs(np.mean(t == 1.0) - clean) < 0.03 and abs(np.mean(t == 0.0) - noise) < 0.03
+    pairs = [p if isinstance(p, tuple) else (p, p) for p in (clean, noise)]
+    for i, (t, w) in enumerate(((big["t"], big["w"]), (big["t_text"], big["w_text"]))):
+        # Each modality's endpoints at its own probabilities (binomial sd at n=4096 is <= 0.008); only clean
+        # ones lose weight.
+        assert abs(np.mean(t == 1.0) - pairs[0][i]) < 0.03 and abs(np.mean(t == 0.0) - pairs[1][i]) < 0.03
         np.testing.assert_array_equal(w, np.where(t == 1.0, 0.0, 1.0))
-    if clean:  # make both weights vary in the small batch too
+    if clean != 0.0:  # make both weights vary in the small batch too
         d = dict(d, w=jnp.array([1.0, 0.0]), w_text=jnp.array([0.0, 1.0]))
     loss = jax.jit(lambda pk, c, dr: task.loss(lambda p, t, **kw: s.model.apply({"params": params}, p, t, **kw),
                                                  pk, c, dr))(packed, {"text": text}, d)
@@ -174,7 +176,14 @@ def test_joint_config_and_task_checks():
     config.joint = dict(clean_prob=0.2, noise_prob=0.1)
     task = tasks.get_task(config, cfg)
     assert (task.clean_prob, task.noise_prob) == (0.2, 0.1)
-    for bad, msg in ((dict(clean_prob=1.0), "clean_prob=1.0 must be in"), (dict(clean_prob=0.6, noise_prob=0.5), "< 1")):
+    config.joint = dict(clean_prob=[0.1, 0.3], noise_prob=0.2)
+    task = tasks.get_task(config, cfg)
+    assert task.endpoints() == ((0.1, 0.3), (0.2, 0.2))
+    for bad, msg in ((dict(clean_prob=1.0), "the image probability 1.0 must be in"),
+                     (dict(clean_prob=0.6, noise_prob=0.5), "< 1"),
+                     (dict(clean_prob=(0.1, 0.5), noise_prob=(0.1, 0.5)), "0.5 \\+ 0.5 for the text must be < 1"),
+                     (dict(clean_prob=(0.1, 0.2, 0.3)), "expected a number or an \\(image, text\\) pair"),
+                     (dict(clean_prob="0.1"), "expected a number"), (dict(clean=0.1), "unknown keys \\['clean'\\]")):
         config.joint = bad
         with pytest.raises(ValueError, match=msg):
             tasks.get_task(config, cfg)
@@ -191,7 +200,7 @@ def test_joint_time_endpoints_are_validated_with_the_config():
     spec.loader.exec_module(mod)
     train.validate(mod.get_config("joint"))
     bad = mod.get_config("joint")
-    bad.joint.noise_prob = 0.9
+    bad.joint = ml_collections.ConfigDict(dict(clean_prob=0.2, noise_prob=(0.1, 0.9)))
     with pytest.raises(ValueError, match="clean_prob \\+ noise_prob"):
         train.validate(bad)
     uncond = mod.get_config("uncond")

@@ -172,8 +172,8 @@ def test_twin_c_report_reads_cached_cells_with_crop_and_scaling_rows(twins, tmp_
             cells[f"plain|{side}|{sampler}|n{twins.N_EVAL}"] = dict(
                 resize=dict(fid=100.0 + side + i, accuracy=0.5), crop=dict(fid=50.0 + side + i, accuracy=0.6),
                 n=twins.N_EVAL, options={}, seconds=2.0)
-            if label in twins.C_SCALED_ARMS and side > 32:
-                for how in twins.C_SCALINGS:
+            if side > 32:
+                for how in (h for h in twins.C_SCALINGS if label in twins.scaled_arms(h)):
                     cells[f"{how}|{side}|{sampler}|n100"] = dict(resize=dict(fid=7.0, accuracy=0.8),
                                                                  crop=dict(fid=8.0, accuracy=0.9), n=100,
                                                                  options={}, seconds=1.0)
@@ -185,4 +185,6 @@ def test_twin_c_report_reads_cached_cells_with_crop_and_scaling_rows(twins, tmp_
     assert "N = 100 samples per cell" in md
     assert set(data["arms"]["2-D RoPE (Next-DiT)"]["scalings"]) == set(twins.C_SCALINGS)
     assert data["arms"]["APE (SiT backbone)"]["scalings"] == {}
+    flag = data["arms"]["1-D RoPE + [nextline] (Flag-DiT)"]["scalings"]  # no time-aware RoPE in Flag-DiT
+    assert set(flag) == set(twins.C_SCALINGS) - set(twins.C_SCALING_ARMS) and len(flag) == 4
     assert (tmp_path / "out" / "twin_c.png").stat().st_size > 1000
