@@ -190,6 +190,7 @@ def sample_grid(config, workdir: str | pathlib.Path, out: str | pathlib.Path | N
     vae = _vae_of(config)
     source = train.make_source(config, "eval")
     shapes = record_shapes(source)
+    media = media_source(config, source)
     folder = pathlib.Path(out) if out else pathlib.Path(workdir)
     folder.mkdir(parents=True, exist_ok=True)
     written = []
@@ -206,10 +207,24 @@ def sample_grid(config, workdir: str | pathlib.Path, out: str | pathlib.Path | N
             path = path.with_suffix(".npz")
             np.savez(path, latents=frames, records=rows)
         written.append(path)
-        if hasattr(source, "save_media"):  # the modality's own form: GIF clips, WAV sounds
-            written += source.save_media(path.with_suffix(""), frames)
+        if media is not None and c in (1, 3):  # the modality's own form: GIF clips, WAV sounds
+            written += media.save_media(path.with_suffix(""), frames)
         print(f"wrote {path} ({n} samples of latent size {shape}; step {step}, {what})")
     return written
+
+
+def media_source(config, source):
+    """What writes a run's samples in their modality's own form (`save_media(stem, frames)`: GIFs,
+    WAVs): `source` itself, or for a latent cache ('encoded') the raw source it was encoded from, which
+    is handed the decoded pixels; None when there is no such form."""
+    if hasattr(source, "save_media"):
+        return source
+    if config.data.name == "encoded" and config.get("encode"):
+        from flagdit_jax import encoders
+
+        raw = encoders.raw_source(config, "eval")
+        return raw if hasattr(raw, "save_media") else None
+    return None
 
 
 def _vae_of(config):

@@ -115,3 +115,25 @@ def test_latent_config_reads_clips_with_their_own_captions(sources, monkeypatch)
     feats, mask = text(["", raw.caption_text(3)])
     np.testing.assert_array_equal(feats[1], sources[1][3]["cap_feats"])
     np.testing.assert_array_equal(mask[0], sources[1].null_caption()["cap_mask"])
+
+
+def test_latent_run_writes_its_samples_as_the_raw_source_does(cache, sources, tmp_path):
+    """`flagdit sample` on a latent clip run: the encoded cache has no media form of its own, so the
+    decoded frames go to the raw moving-MNIST source's `save_media` (a GIF per clip)."""
+    from flagdit_jax import sample
+
+    spec = importlib.util.spec_from_file_location(
+        "t2v_config", pathlib.Path(__file__).parents[1] / "configs" / "t2v" / "mnist.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config("latent")
+    assert not hasattr(cache, "save_media")
+    media = sample.media_source(config, cache)
+    assert isinstance(media, mm.MovingMnistSource) and media.raw
+    frames = np.random.default_rng(0).uniform(-1, 1, (2, 3, 32, 32, 1)).astype(np.float32)
+    written = media.save_media(tmp_path / "samples", frames)
+    assert written and all(p.suffix == ".gif" and p.stat().st_size > 0 for p in written)
+    assert sample.media_source(module.get_config("next"), sources[1]) is sources[1]  # pixels: its own
+    plain = module.get_config("next")
+    plain.data.name = "mnist"
+    assert sample.media_source(plain, object()) is None

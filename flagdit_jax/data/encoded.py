@@ -419,8 +419,8 @@ class EncodedSource:
 
     def _decode(self, record: bytes) -> dict[str, np.ndarray]:
         fields = decode_record(record)
-        latent, caption = fields.pop("latent"), fields.pop("caption")
-        frames = latent.astype(np.float32)
+        fields.pop("caption")  # text: `caption(i)` reads it; the model gets the features
+        frames = fields.pop("latent").astype(np.float32)
         frames = frames[None] if frames.ndim == 3 else frames  # an image is a one-frame clip
         out = {"frames": frames, **self._pad(fields.pop("cap_feats").astype(np.float32))}
         out["label"] = np.int32(fields.pop("label", -1))
