@@ -1,5 +1,6 @@
 """The joint model (models/joint.py), its task and its sampling modes (sample_joint.py)."""
 
+import dataclasses
 import types
 
 import jax
@@ -67,6 +68,22 @@ def test_each_modality_time_reaches_only_its_tokens(joint):
     # With mixing back on, either time reaches every token (through attention and the mixer).
     vi4, vt4 = apply(params, packed, t, text, t + 0.5)
     assert np.abs(vi4 - apply(params, packed, t, text, t)[0]).max() > 1e-4
+
+
+def test_gated_text_pool_is_silent_for_pure_noise_text(joint):
+    """text_pool_gate: the pooled text enters adaLN times t_text, so at t_text = 0 (the image's marginal)
+    the text_pool weights change nothing, while at t_text = 0.5 they do; ungated they always do."""
+    s, params, _ = joint
+    packed, text = _inputs(s.model_cfg, jax.random.key(4))
+    bumped = jax.tree_util.tree_map_with_path(
+        lambda path, x: x + 1.0 if any(getattr(k, "key", "") == "text_pool" for k in path) else x, params)
+    for gate in (True, False):
+        model = registry.build(dataclasses.replace(s.model_cfg, text_pool_gate=gate))
+        for tt in (0.0, 0.5):
+            t, t_text = jnp.full((N,), 0.4), jnp.full((N,), tt)
+            a, b = (model.apply({"params": p}, packed, t, text=text, t_text=t_text) for p in (params, bumped))
+            same = all(np.array_equal(x, y) for x, y in zip(a, b))
+            assert same == (gate and tt == 0.0), (gate, tt)
 
 
 def test_conditional_sampling_never_changes_the_condition(joint):

@@ -14,7 +14,7 @@ How the times reach the tokens: UniDiffuser's U-ViT puts the times in as tokens;
 Flag-DiT, they go through adaLN, per modality. The condition of modality k is
 c_k = t_emb(t_k) + e_k + W [t_emb(t_text); t_emb(t_image)] (e_k a learned modality embedding, W
 mixes both times so every token sees both) + P(text) (the text tokens flattened, normed and projected:
-Lumina-T2I's pooled-caption adaLN path), and every block modulates each token with the c of its own
+Lumina-T2I's pooled-caption adaLN path; times t_text with `text_pool_gate`), and every block modulates each token with the c of its own
 modality (`layers.modulate` with per-token shift / scale / gate). Each modality has its own input
 projection and final layer. 1-D RoPE over the joint flat index: text at 0..S-1, image tokens at
 S + their Flag-DiT index, so the text-image offset does not depend on the image size.
@@ -49,6 +49,10 @@ class JointConfig(common.LuminaConfig):
     nextline: bool = True
     text_dim: int = 16
     text_len: int = 2
+    # Scale the pooled text's adaLN term by t_text, so pure-noise text (t_text = 0: the image's marginal)
+    # puts nothing into the image's modulation, and a half-noised text half of it. False: the first runs'
+    # form (an ungated pooled path, whose pure-noise text reads as a random condition).
+    text_pool_gate: bool = False
 
     def _check(self) -> None:
         super()._check()
@@ -136,6 +140,8 @@ class JointDiT(nn.Module):
         pooled = L.LayerNorm(1e-5, name="text_pool_norm", param_dtype=pdtype)(text.reshape(b, -1).astype(jnp.float32))
         pooled = L.Dense(cfg.cond_dim, ("caption", "cond"), use_bias=True, name="text_pool", kernel_init=L.normal_002,
                          **kw)(pooled)
+        if cfg.text_pool_gate:
+            pooled = pooled * t_text.astype(pooled.dtype)[:, None]
         c = e + modality.astype(e.dtype)[None] + (both + pooled.astype(e.dtype))[:, None]
 
         positions = jnp.concatenate([jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s)), s + packed.index], 1)
