@@ -77,13 +77,12 @@ def test_gated_text_pool_is_silent_for_pure_noise_text(joint):
     packed, text = _inputs(s.model_cfg, jax.random.key(4))
     bumped = jax.tree_util.tree_map_with_path(
         lambda path, x: x + 1.0 if any(getattr(k, "key", "") == "text_pool" for k in path) else x, params)
-    for gate in (True, False):
+    for gate, tt in ((True, 0.0), (True, 0.5), (False, 0.0)):
         model = registry.build(dataclasses.replace(s.model_cfg, text_pool_gate=gate))
-        for tt in (0.0, 0.5):
-            t, t_text = jnp.full((N,), 0.4), jnp.full((N,), tt)
-            a, b = (model.apply({"params": p}, packed, t, text=text, t_text=t_text) for p in (params, bumped))
-            same = all(np.array_equal(x, y) for x, y in zip(a, b))
-            assert same == (gate and tt == 0.0), (gate, tt)
+        t, t_text = jnp.full((N,), 0.4), jnp.full((N,), tt)
+        a, b = (model.apply({"params": p}, packed, t, text=text, t_text=t_text) for p in (params, bumped))
+        same = all(np.array_equal(x, y) for x, y in zip(a, b))
+        assert same == (gate and tt == 0.0), (gate, tt)
 
 
 def test_conditional_sampling_never_changes_the_condition(joint):
