@@ -70,6 +70,7 @@ def test_each_modality_time_reaches_only_its_tokens(joint):
     assert np.abs(vi4 - apply(params, packed, t, text, t)[0]).max() > 1e-4
 
 
+@pytest.mark.slow  # ~7 s of eager model calls for an option that is off by default; the suite keeps under 8 min
 def test_gated_text_pool_is_silent_for_pure_noise_text(joint):
     """text_pool_gate: the pooled text enters adaLN times t_text, so at t_text = 0 (the image's marginal)
     the text_pool weights change nothing, while at t_text = 0.5 they do; ungated they always do."""
