@@ -80,9 +80,9 @@ def _latent():
     """Next-DiT (3-D RoPE) on VAE latents of the same clips: 8x8x8 per frame, patch 2."""
     c = get_config("next")
     # Steps and guidance: at the pixel run's 2,400 steps and guidance 2 the motion was learned but the digit
-    # read 0.24; at 9,600 and guidance 4 it reads 0.67 / 0.76 at T = 3 / 4 against 0.83 / 0.81 for real
-    # clips through the VAE (experiments/results/t2v/RESULTS.md).
-    c.total_steps = 9600
+    # read 0.24; at 14,400 and guidance 4 it reads 0.78 / 0.84 at T = 3 / 4, the 0.83 / 0.81 of real clips
+    # through the VAE (experiments/results/t2v/RESULTS.md).
+    c.total_steps = 14400
     c.sample.cfg_scale = 4.0
     # The frozen encoders: the VAE once in `flagdit encode` and again to decode samples; the captions are
     # the source's own word embeddings ('source': MovingMnistSource.caption_encoder), as in the pixel run.
