@@ -186,6 +186,10 @@ class Unconditional(ClassLabel):
         return {"label": jnp.zeros((b,), jnp.int32)}
 
 
+# The order of config.joint's per-modality (image, text) pairs.
+ENDPOINT_PAIR = ("image", "text")
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class Joint(FlowTask):
     """Image + text tokens, one time per modality (`models/joint.py`). Elements carry 'text' `[S, D]`.
@@ -211,11 +215,11 @@ class Joint(FlowTask):
             raise ValueError(f"the joint task predicts velocities; got flow.prediction={self.prediction!r}")
         clean, noise = self.endpoints()
         for name, pair in (("clean_prob", clean), ("noise_prob", noise)):
-            for modality, v in zip(MODALITIES, pair):
+            for modality, v in zip(ENDPOINT_PAIR, pair):
                 if not 0.0 <= v < 1.0:
                     raise ValueError(f"config.joint.{name}={getattr(self, name)}: the {modality} probability {v} "
                                      f"must be in [0, 1)")
-        for modality, c, n in zip(MODALITIES, clean, noise):
+        for modality, c, n in zip(ENDPOINT_PAIR, clean, noise):
             if c + n >= 1.0:
                 raise ValueError(f"config.joint.clean_prob + noise_prob = {c} + {n} for the {modality} must be < 1 "
                                  f"(some times must come from the time sampler)")
@@ -270,9 +274,6 @@ class Joint(FlowTask):
     def null_cond(self, b):
         raise ValueError("the joint task has no null condition: guidance uses the model's marginal "
                          "(flagdit_jax.sample_joint)")
-
-
-MODALITIES = ("image", "text")
 
 
 def _modality_pair(name, v) -> tuple[float, float]:
