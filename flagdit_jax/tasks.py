@@ -282,7 +282,8 @@ def _modality_pair(name, v) -> tuple[float, float]:
     if isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(x, (int, float)) and not isinstance(x, bool)
                                                             for x in v):
         return float(v[0]), float(v[1])
-    raise ValueError(f"config.joint.{name}={v!r}; expected a number or an (image, text) pair of numbers")
+    raise ValueError(f"config.joint.{name}={v!r}; expected a number or an (image, text) pair of numbers "
+                     f"(on the command line over a pair: --config.joint.{name}='(0.1,0.3)')")
 
 
 def joint_endpoints(config) -> dict:
