@@ -81,7 +81,9 @@ def _damage(step_dir: pathlib.Path, how: str) -> None:
         (step_dir / "_CHECKPOINT_METADATA").write_bytes(os.urandom(300))
 
 
-@pytest.mark.parametrize("how", ["truncated", "deleted", "bitflip", "garbage", "metadata"])
+# bitflip / garbage run with the slow tests (the default suite's time); truncated, deleted and metadata stay.
+@pytest.mark.parametrize("how", ["truncated", "deleted", pytest.param("bitflip", marks=pytest.mark.slow),
+                                 pytest.param("garbage", marks=pytest.mark.slow), "metadata"])
 def test_damaged_newest_checkpoint_restores_the_previous_one(tmp_path, run10, how, caplog):
     src, _, state5 = run10
     workdir = tmp_path / how
