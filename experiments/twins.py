@@ -126,6 +126,7 @@ C_SAMPLER = ("heun", 10)  # twin c samples 4 models at 3 sizes: half the default
 # fields, plus 'shift' (the sampler's time shift) for the papers' full recipes (REFERENCE.md §4, §6).
 # Proportional attention's base is the trained length: (S/16)^2 tokens at size S for Lumina-Next, and
 # with the [nextline] tokens for Lumina-T2I, i.e. l0 either way.
+_NEXT_RECIPE = "Lumina-Next recipe (time-aware RoPE @0.3 + prop. attn + shift 4)"
 C_SCALINGS = {
     "NTK (ntk_factor = s)": lambda s, l0: dict(ntk_factor=s),
     "PI (pi_factor = s)": lambda s, l0: dict(pi_factor=s),
@@ -135,11 +136,11 @@ C_SCALINGS = {
                                                                               shift=4.0),
     # LT lumina_next_t2i/demo.py: the code's time-aware switch (PI while t < 0.3, NTK theta * s after),
     # proportional attention, shift 4. Next-DiT only (Flag-DiT has no time-aware RoPE).
-    "Lumina-Next recipe (time-aware RoPE @0.3 + prop. attn + shift 4)": lambda s, l0: dict(
+    _NEXT_RECIPE: lambda s, l0: dict(
         scale_factor=s, rope_scaling="watershed", scale_watershed=0.3, base_seqlen=l0, shift=4.0),
 }
 C_SCALED_ARMS = ("1-D RoPE + [nextline] (Flag-DiT)", "2-D RoPE (Next-DiT)")  # the RoPE models Lumina scales
-C_SCALING_ARMS = {"Lumina-Next recipe (time-aware RoPE @0.3 + prop. attn + shift 4)": ("2-D RoPE (Next-DiT)",)}
+C_SCALING_ARMS = {_NEXT_RECIPE: ("2-D RoPE (Next-DiT)",)}
 
 
 def scaled_arms(row: str) -> tuple[str, ...]:

@@ -288,17 +288,12 @@ def _modality_pair(name, v) -> tuple[float, float]:
 
 def joint_endpoints(config) -> dict:
     """`config.joint`'s clean_prob / noise_prob as `Joint` keyword arguments, each a number or an
-    (image, text) pair; unknown keys are an error."""
+    (image, text) pair (`Joint` checks the values); unknown keys are an error."""
     jc = config.get("joint", None) or {}
     unknown = sorted(set(jc.keys()) - {"clean_prob", "noise_prob"})
     if unknown:
         raise ValueError(f"config.joint has unknown keys {unknown}; expected clean_prob and noise_prob")
-    out = {}
-    for name in ("clean_prob", "noise_prob"):
-        if name in jc:
-            pair = _modality_pair(name, jc[name])
-            out[name] = pair if isinstance(jc[name], (tuple, list)) else pair[0]
-    return out
+    return {name: tuple(v) if isinstance(v, list) else v for name, v in jc.items()}
 
 
 def task_name(config, model_cfg) -> str:

@@ -15,8 +15,8 @@ Flag-DiT, they go through adaLN, per modality. The condition of modality k is
 c_k = t_emb(t_k) + e_k + W [t_emb(t_text); t_emb(t_image)] (e_k a learned modality embedding, W
 mixes both times so every token sees both) + P(text) (the text tokens flattened, normed and projected:
 Lumina-T2I's pooled-caption adaLN path; times t_text with `text_pool_gate`), and every block modulates
-each token with the c of its own modality (`layers.modulate` with per-token shift / scale / gate). Each modality has its own input
-projection and final layer. 1-D RoPE over the joint flat index: text at 0..S-1, image tokens at
+each token with the c of its own modality (`layers.modulate` with per-token shift / scale / gate). Each
+modality has its own input projection and final layer. 1-D RoPE over the joint flat index: text at 0..S-1, image tokens at
 S + their Flag-DiT index, so the text-image offset does not depend on the image size.
 """
 
